@@ -1,0 +1,6 @@
+"""minencdec: a readable NumPy reference of Gemma 2 and Encoder-Decoder Gemma (T5Gemma)."""
+
+from .config import PRESETS, GemmaConfig, T5GemmaConfig, num_parameters, preset
+from .gemma2 import Gemma2Model
+
+__all__ = ["PRESETS", "GemmaConfig", "T5GemmaConfig", "num_parameters", "preset", "Gemma2Model"]

@@ -1,0 +1,123 @@
+"""The decoder-only Gemma 2 language model (transformers' Gemma2ForCausalLM), in NumPy.
+
+    h      = embed(ids) * sqrt(D)                      # (B, T, D)
+    h      = layers(h)   causal self-attention (sliding on even layers), GeGLU MLP
+    h      = final_norm(h)
+    logits = 30 tanh(h E^T / 30)                       # tied LM head, final softcap   (B, T, V)
+    loss   = mean over labelled tokens of -log softmax(logits[t])[labels[t + 1]]
+
+`forward` / `backward` are the functional core; `Gemma2Model` holds a config and the
+parameters (a dict keyed by the Hugging Face tensor names) and is what users call.
+
+Axes: B batch, T sequence, D model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .attention import causal_mask, with_key_padding
+from .config import GemmaConfig
+from .layers import linear_backward, linear_forward, softcap_backward, softcap_forward
+from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .stack import GEMMA2, stack_backward, stack_forward, stack_param_shapes
+from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
+
+EMBED = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"            # tied to EMBED; ignored when a checkpoint stores it
+
+
+def param_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    return stack_param_shapes(config, GEMMA2)
+
+
+def init_params(config: GemmaConfig, seed=0, dtype="float32", std=0.02) -> dict[str, np.ndarray]:
+    """Random weights as transformers initialises them: normal(0, std) matrices, RMSNorm
+    offsets 0 (so each norm starts as the identity scale 1 + 0)."""
+    rng = np.random.default_rng(seed)
+    dtype = resolve_dtype(dtype)
+    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
+            for name, shape in param_shapes(config).items()}
+
+
+def self_attention_masks(config: GemmaConfig, T, attention_mask=None):
+    """One (B, T, T) causal mask per layer: sliding layers see w keys, full layers all."""
+    masks = {w: with_key_padding(causal_mask(T, w), attention_mask)
+             for w in {config.window(i) for i in range(config.num_hidden_layers)}}
+    return [masks[config.window(i)] for i in range(config.num_hidden_layers)]
+
+
+def lm_head_forward(h, table, cap):
+    """Tied LM head and final softcap: (B, T, D) -> logits (B, T, V)."""
+    z, head_c = linear_forward(h, table)                         # (B, T, V)
+    logits, cap_c = softcap_forward(z, cap)
+    return logits, (head_c, cap_c)
+
+
+def lm_head_backward(dlogits, cache):
+    head_c, cap_c = cache
+    dz = softcap_backward(dlogits, cap_c)                        # inverts the final softcap
+    return linear_backward(dz, head_c)                           # inverts z = h E^T: (dh, dE)
+
+
+def forward(params, config: GemmaConfig, input_ids, attention_mask=None, record=None):
+    """logits (B, T, V) and the cache for `backward`. `record`: see `stack_forward`."""
+    masks = self_attention_masks(config, input_ids.shape[1], attention_mask)
+    h, stack_c = stack_forward(params, config, GEMMA2, input_ids, masks, record=record)   # (B, T, D)
+    logits, head_c = lm_head_forward(h, params[EMBED], config.final_logit_softcapping)    # (B, T, V)
+    if record is not None:
+        record["logits"] = logits
+    return logits, (stack_c, head_c)
+
+
+def backward(dlogits, cache):
+    """Gradients of every parameter (checkpoint names) given dL/dlogits."""
+    stack_c, head_c = cache
+    dh, dtable_head = lm_head_backward(dlogits, head_c)          # inverts the LM head
+    grads, _ = stack_backward(dh, stack_c)                       # inverts the stack
+    grads[EMBED] = grads[EMBED] + dtable_head                    # the tied table: input and output use
+    return grads
+
+
+def shift_labels(labels):
+    """Position t predicts token t + 1: targets = labels shifted left, -100 at the end."""
+    targets = np.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+class Gemma2Model:
+    """A Gemma 2 decoder-only LM. `params` is keyed by the Hugging Face tensor names."""
+
+    def __init__(self, config: GemmaConfig, params: dict, dtype="float32"):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.params = check_params({k: v for k, v in params.items() if k != TIED_HEAD},
+                                   param_shapes(config), self.dtype)
+
+    @classmethod
+    def random(cls, config: GemmaConfig, seed=0, dtype="float32"):
+        return cls(config, init_params(config, seed, dtype), dtype)
+
+    def _inputs(self, input_ids, attention_mask):
+        ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
+        return ids, check_mask(attention_mask, ids.shape, "attention_mask")
+
+    def logits(self, input_ids, attention_mask=None, record=None):
+        """(B, T, V) logits, final softcap applied. Rows at padded positions are not meaningful."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        return forward(self.params, self.config, ids, mask, record)[0]
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None):
+        """Mean next-token cross-entropy over labelled tokens (labels as transformers takes
+        them: shifted inside, -100 ignored) and its gradient for every parameter."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        labels = check_labels(labels, ids.shape, self.config.vocab_size)
+        logits, cache = forward(self.params, self.config, ids, mask)
+        loss, ce_c = cross_entropy_forward(logits, shift_labels(labels))
+        return loss, backward(cross_entropy_backward(ce_c), cache)
+
+    def save_pretrained(self, path, dtype=None):
+        """A Gemma2ForCausalLM directory that transformers' from_pretrained loads."""
+        from .checkpoint import save_tensors
+        save_tensors(path, self.params, self.config.to_hf_dict("gemma2"), dtype=dtype)

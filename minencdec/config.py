@@ -82,6 +82,10 @@ class GemmaConfig:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
     def replace(self, **changes) -> "GemmaConfig":
+        """A copy with some fields changed. A new depth without new layer_types gets the
+        default alternating pattern rather than the old depth's list."""
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = ()
         return dataclasses.replace(self, **changes)
 
     def to_hf_dict(self, model_type: str = "gemma2") -> dict:

@@ -1,0 +1,167 @@
+"""The encoder-decoder Gemma (transformers' T5GemmaForConditionalGeneration), in NumPy.
+
+    enc     = encoder(input_ids)             bidirectional self-attention (sliding on even layers)
+    h       = decoder(decoder_input_ids)     causal self-attention, cross-attention to enc, MLP
+    logits  = 30 tanh(h E_dec^T / 30)         LM head tied to the decoder's embedding
+    decoder_input_ids = shift_right(labels): [bos, labels[:-1]] with -100 -> pad
+
+The encoder and decoder are `stack.py` stacks with their own configs, so they may differ
+in width, depth and heads (the unbalanced 9B-2B pairing). The gradient of the encoder
+output is the sum of every decoder layer's cross-attention contribution.
+
+Padding: when `attention_mask` is None it is derived from `input_ids != pad`, and the
+same mask hides the padded encoder keys from cross-attention. (transformers derives the
+encoder's mask the same way but then gives cross-attention no mask at all, so padded
+encoder positions leak into the decoder; pass the mask explicitly to compare the two.)
+
+Axes: B batch, S source (encoder) length, T target (decoder) length, D width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .attention import bidirectional_mask, causal_mask, with_key_padding
+from .config import T5GemmaConfig
+from .gemma2 import lm_head_backward, lm_head_forward
+from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .stack import T5_DECODER, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
+from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
+
+ENC_EMBED = "model.encoder.embed_tokens.weight"
+DEC_EMBED = "model.decoder.embed_tokens.weight"
+TIED_HEAD = "lm_head.out_proj.weight"      # tied to DEC_EMBED; ignored when a checkpoint stores it
+# The decoder with its cross-attention sublayers skipped: the adaptation check's ablation.
+_DECODER_WITHOUT_CROSS = dataclasses.replace(T5_DECODER, cross_attn=None)
+
+
+def param_shapes(config: T5GemmaConfig) -> dict[str, tuple[int, ...]]:
+    return {**stack_param_shapes(config.encoder, T5_ENCODER), **stack_param_shapes(config.decoder, T5_DECODER)}
+
+
+def cross_attention_names(config: T5GemmaConfig) -> list[str]:
+    """The parameters that exist only for cross-attention (q/k/v/o and its two norms): the
+    only ones trained during an unbalanced pair's cross-attention warmup."""
+    return [n for n in param_shapes(config) if ".cross_attn." in n or "cross_attn_layernorm" in n]
+
+
+def init_params(config: T5GemmaConfig, seed=0, dtype="float32", std=0.02):
+    """normal(0, std) matrices and zero RMSNorm offsets, as transformers initialises them."""
+    rng = np.random.default_rng(seed)
+    dtype = resolve_dtype(dtype)
+    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
+            for name, shape in param_shapes(config).items()}
+
+
+def shift_right(labels, bos_id, pad_id):
+    """Decoder inputs from labels: bos first, labels shifted one right, -100 -> pad."""
+    shifted = np.empty_like(labels)
+    shifted[:, 0] = bos_id
+    shifted[:, 1:] = labels[:, :-1]
+    return np.where(shifted == IGNORE_INDEX, pad_id, shifted)
+
+
+def encoder_masks(config, S, attention_mask):
+    """One (B, S, S) bidirectional mask per encoder layer, padded keys hidden."""
+    c = config.encoder
+    masks = {w: with_key_padding(bidirectional_mask(S, w, c.bidirectional_window), attention_mask)
+             for w in {c.window(i) for i in range(c.num_hidden_layers)}}
+    return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
+
+
+def decoder_masks(config, T, decoder_attention_mask):
+    """One (B, T, T) causal mask per decoder layer (sliding layers see w keys)."""
+    c = config.decoder
+    masks = {w: with_key_padding(causal_mask(T, w), decoder_attention_mask)
+             for w in {c.window(i) for i in range(c.num_hidden_layers)}}
+    return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
+
+
+def encode(params, config: T5GemmaConfig, input_ids, attention_mask, record=None):
+    """The encoder output (B, S, De) and its cache."""
+    masks = encoder_masks(config, input_ids.shape[1], attention_mask)
+    return stack_forward(params, config.encoder, T5_ENCODER, input_ids, masks, record=record)
+
+
+def forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attention_mask,
+            decoder_attention_mask, record=None, cross_attention=True):
+    """logits (B, T, V) and the cache for `backward`. Masks are bool arrays (1 = token);
+    `cross_attention=False` skips every cross-attention sublayer (an ablation switch)."""
+    enc_out, enc_c = encode(params, config, input_ids, attention_mask, record)           # (B, S, De)
+    T, S = decoder_input_ids.shape[1], input_ids.shape[1]
+    cross_mask = with_key_padding(np.ones((T, S), dtype=bool), attention_mask)          # (B, T, S) full, never windowed
+    names = T5_DECODER if cross_attention else _DECODER_WITHOUT_CROSS
+    h, dec_c = stack_forward(params, config.decoder, names, decoder_input_ids,
+                             decoder_masks(config, T, decoder_attention_mask),
+                             cross=(enc_out, cross_mask), record=record)               # (B, T, Dd)
+    logits, head_c = lm_head_forward(h, params[DEC_EMBED], config.decoder.final_logit_softcapping)
+    if record is not None:
+        record["logits"] = logits
+    return logits, (enc_c, dec_c, head_c)
+
+
+def backward(dlogits, cache):
+    """Every parameter's gradient, read bottom-up: head, decoder, then the encoder, whose
+    output gradient is what all decoder layers' cross-attention sent back."""
+    enc_c, dec_c, head_c = cache
+    dh, dtable_head = lm_head_backward(dlogits, head_c)          # inverts the LM head
+    grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
+    grads[DEC_EMBED] = grads[DEC_EMBED] + dtable_head            # tied: the decoder table is also the head
+    enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
+    return {**enc_grads, **grads}
+
+
+class T5GemmaModel:
+    """An encoder-decoder Gemma. `params` is keyed by the Hugging Face tensor names."""
+
+    def __init__(self, config: T5GemmaConfig, params: dict, dtype="float32"):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.params = check_params({k: v for k, v in params.items() if k != TIED_HEAD},
+                                   param_shapes(config), self.dtype)
+
+    @classmethod
+    def random(cls, config: T5GemmaConfig, seed=0, dtype="float32"):
+        return cls(config, init_params(config, seed, dtype), dtype)
+
+    def _inputs(self, input_ids, attention_mask):
+        ids = check_ids(input_ids, self.config.encoder.vocab_size, "input_ids")
+        mask = check_mask(attention_mask, ids.shape, "attention_mask")
+        return ids, (ids != self.config.encoder.pad_token_id) if mask is None else mask
+
+    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask):
+        ids = check_ids(decoder_input_ids, self.config.decoder.vocab_size, "decoder_input_ids")
+        mask = check_mask(decoder_attention_mask, ids.shape, "decoder_attention_mask")
+        return ids, (ids != self.config.decoder.pad_token_id) if mask is None else mask
+
+    def encode(self, input_ids, attention_mask=None):
+        """The encoder's output (B, S, De) after its final norm."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        return encode(self.params, self.config, ids, mask)[0]
+
+    def logits(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
+               record=None, cross_attention=True):
+        """(B, T, V) logits, final softcap applied. Masks default to `ids != pad`."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        dec_ids, dec_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask)
+        return forward(self.params, self.config, ids, dec_ids, mask, dec_mask, record, cross_attention)[0]
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None):
+        """Mean cross-entropy of the labels (decoder inputs = shift_right(labels), -100
+        ignored, as transformers does) and its gradient for every parameter."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        dec = self.config.decoder
+        labels = check_labels(labels, np.atleast_2d(labels).shape, dec.vocab_size)
+        if labels.shape[0] != ids.shape[0]:
+            raise ValueError(f"labels have batch {labels.shape[0]} but input_ids have batch {ids.shape[0]}")
+        dec_ids, dec_mask = self._decoder_inputs(shift_right(labels, dec.bos_token_id, dec.pad_token_id), None)
+        logits, cache = forward(self.params, self.config, ids, dec_ids, mask, dec_mask)
+        loss, ce_c = cross_entropy_forward(logits, labels)       # labels are already the targets
+        return loss, backward(cross_entropy_backward(ce_c), cache)
+
+    def save_pretrained(self, path, dtype=None):
+        """A T5GemmaForConditionalGeneration directory that transformers loads."""
+        from .checkpoint import save_tensors
+        save_tensors(path, self.params, self.config.to_hf_dict(), dtype=dtype)

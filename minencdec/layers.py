@@ -10,6 +10,8 @@ Linear weights are stored as Hugging Face stores them: (out_features, in_feature
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # ---------------------------------------------------------------------------- linear
@@ -30,19 +32,23 @@ def linear_backward(dy, cache):
 # ---------------------------------------------------------------------------- embedding
 
 
-def embedding_forward(ids, table):
+def embedding_forward(ids, table, padding_idx=None):
     """h = E[ids] * sqrt(D). ids (B, T) int, table (V, D) -> h (B, T, D).
 
     The scale is cast to the table's dtype before the multiply, as transformers does (in
-    float32 sqrt(2304) = 48.0 exactly, but sqrt(3584) rounds)."""
+    float32 sqrt(2304) = 48.0 exactly, but sqrt(3584) rounds). `padding_idx`: that row gets
+    no gradient from its uses here, as in torch's nn.Embedding(padding_idx=pad), which
+    Gemma 2 and T5Gemma use (the tied LM head still trains it)."""
     scale = np.asarray(np.sqrt(table.shape[1]), dtype=table.dtype)
-    return table[ids] * scale, (ids, scale, table.shape)
+    return table[ids] * scale, (ids, scale, table.shape, padding_idx)
 
 
 def embedding_backward(dh, cache):
-    ids, scale, shape = cache
+    ids, scale, shape, padding_idx = cache
     dtable = np.zeros(shape, dtype=dh.dtype)                     # (V, D)
     np.add.at(dtable, ids.reshape(-1), (dh * scale).reshape(-1, shape[1]))  # a row per token, repeats add up
+    if padding_idx is not None:
+        dtable[padding_idx] = 0.0                                # pad tokens do not train their row
     return dtable
 
 
@@ -86,7 +92,7 @@ def softcap_backward(dy, cache):
 
 # ---------------------------------------------------------------------------- GeGLU MLP
 
-_GELU_C = np.sqrt(2.0 / np.pi)
+_GELU_C = math.sqrt(2.0 / math.pi)     # a Python float: a numpy float64 scalar would promote float32 arrays
 
 
 def gelu_tanh_forward(x):

@@ -109,7 +109,7 @@ def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, 
     dtype = params[f"{P}embed_tokens.weight"].dtype
     T = ids.shape[1]
     rope = rope_cos_sin(np.arange(T), c.head_dim, c.rope_theta, dtype)     # (T, Dh) each
-    h, emb_c = embedding_forward(ids, params[f"{P}embed_tokens.weight"])   # (B, T, D)
+    h, emb_c = embedding_forward(ids, params[f"{P}embed_tokens.weight"], c.pad_token_id)   # (B, T, D)
     rec[f"{r}embed"] = h
     layer_caches = []
     for i in range(c.num_hidden_layers):

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from .attention import bidirectional_mask, causal_mask, with_key_padding
-from .config import T5GemmaConfig
+from .config import GemmaConfig, T5GemmaConfig
 from .gemma2 import lm_head_backward, lm_head_forward
 from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
 from .stack import T5_DECODER, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
@@ -63,17 +63,15 @@ def shift_right(labels, bos_id, pad_id):
     return np.where(shifted == IGNORE_INDEX, pad_id, shifted)
 
 
-def encoder_masks(config, S, attention_mask):
-    """One (B, S, S) bidirectional mask per encoder layer, padded keys hidden."""
-    c = config.encoder
+def encoder_masks(c: GemmaConfig, S, attention_mask):
+    """One (B, S, S) bidirectional mask per encoder layer (config `c`), padded keys hidden."""
     masks = {w: with_key_padding(bidirectional_mask(S, w, c.bidirectional_window), attention_mask)
              for w in {c.window(i) for i in range(c.num_hidden_layers)}}
     return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
 
 
-def decoder_masks(config, T, decoder_attention_mask):
-    """One (B, T, T) causal mask per decoder layer (sliding layers see w keys)."""
-    c = config.decoder
+def decoder_masks(c: GemmaConfig, T, decoder_attention_mask):
+    """One (B, T, T) causal mask per decoder layer (config `c`; sliding layers see w keys)."""
     masks = {w: with_key_padding(causal_mask(T, w), decoder_attention_mask)
              for w in {c.window(i) for i in range(c.num_hidden_layers)}}
     return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
@@ -81,7 +79,7 @@ def decoder_masks(config, T, decoder_attention_mask):
 
 def encode(params, config: T5GemmaConfig, input_ids, attention_mask, record=None):
     """The encoder output (B, S, De) and its cache."""
-    masks = encoder_masks(config, input_ids.shape[1], attention_mask)
+    masks = encoder_masks(config.encoder, input_ids.shape[1], attention_mask)
     return stack_forward(params, config.encoder, T5_ENCODER, input_ids, masks, record=record)
 
 
@@ -94,7 +92,7 @@ def forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attenti
     cross_mask = with_key_padding(np.ones((T, S), dtype=bool), attention_mask)          # (B, T, S) full, never windowed
     names = T5_DECODER if cross_attention else _DECODER_WITHOUT_CROSS
     h, dec_c = stack_forward(params, config.decoder, names, decoder_input_ids,
-                             decoder_masks(config, T, decoder_attention_mask),
+                             decoder_masks(config.decoder, T, decoder_attention_mask),
                              cross=(enc_out, cross_mask), record=record)               # (B, T, Dd)
     logits, head_c = lm_head_forward(h, params[DEC_EMBED], config.decoder.final_logit_softcapping)
     if record is not None:

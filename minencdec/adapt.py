@@ -1,0 +1,100 @@
+"""Adaptation (paper section 3.2): turn decoder-only Gemma 2 weights into a T5Gemma model.
+
+    encoder (all layers, embedding, final norm)   <- the encoder source (the larger model)
+    decoder self-attention, MLP, norms, embedding <- the decoder source (the smaller model)
+    cross-attention, "copy"   <- the same decoder layer's self-attention q/k/v/o and its two norms
+    cross-attention, "random" <- freshly initialised, then warmed up alone (REFERENCE.md sec. 3)
+
+Names map as  input_layernorm -> pre_self_attn_layernorm,
+              post_attention_layernorm -> post_self_attn_layernorm,
+              model.X -> model.encoder.X / model.decoder.X;  every other name is unchanged.
+
+"copy" needs the cross-attention's k/v to read the encoder's width with the decoder's
+self-attention shapes, so it works exactly when both widths are equal; "auto" picks "copy"
+then and "random" otherwise (an unbalanced pair such as 9B-2B).
+
+"random" initialises the cross-attention as transformers initialises a new T5Gemma model:
+q/k/v/o ~ normal(0, 0.02) and RMSNorm offsets 0. Why that and not something cleverer: it is
+what the paper's "randomly initialised" means for these checkpoints, and it is reproducible
+in any framework from the seed. Note the consequence the warmup exists for: the post-norm
+rescales the branch to unit size whatever the weights' scale, so at step 0 random
+cross-attention adds O(1) noise to every decoder layer; training only these tensors first
+(`cross_attention_names`) lets them become useful before the rest of the model moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GemmaConfig, T5GemmaConfig
+from .t5gemma import cross_attention_names, param_shapes
+
+_RENAME = {"input_layernorm": "pre_self_attn_layernorm", "post_attention_layernorm": "post_self_attn_layernorm"}
+_CROSS_FROM_SELF = {"cross_attn.q_proj": "self_attn.q_proj", "cross_attn.k_proj": "self_attn.k_proj",
+                    "cross_attn.v_proj": "self_attn.v_proj", "cross_attn.o_proj": "self_attn.o_proj",
+                    "pre_cross_attn_layernorm": "input_layernorm",
+                    "post_cross_attn_layernorm": "post_attention_layernorm"}
+
+
+def map_name(gemma2_name: str, side: str) -> str:
+    """A Gemma 2 tensor name -> its T5Gemma name on `side` ("encoder" or "decoder")."""
+    assert gemma2_name.startswith("model.") and side in ("encoder", "decoder")
+    rest = gemma2_name[len("model."):]
+    for old, new in _RENAME.items():
+        rest = rest.replace(f".{old}.", f".{new}.")
+    return f"model.{side}.{rest}"
+
+
+def adapted_config(encoder_from: GemmaConfig, decoder_from: GemmaConfig) -> T5GemmaConfig:
+    """The T5Gemma config of a pair; the vocabularies must agree (one token space)."""
+    if encoder_from.vocab_size != decoder_from.vocab_size:
+        raise ValueError(f"the encoder source has vocab_size {encoder_from.vocab_size} but the decoder "
+                         f"source has {decoder_from.vocab_size}: adaptation needs one shared vocabulary")
+    for field in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(encoder_from, field) != getattr(decoder_from, field):
+            raise ValueError(f"the two sources disagree on {field}")
+    return T5GemmaConfig(encoder_from, decoder_from)
+
+
+def resolve_cross_attn(mode: str, config: T5GemmaConfig) -> str:
+    """"auto" -> "copy" for equal widths, else "random"; "copy" with unequal widths is an error."""
+    same_width = config.encoder.hidden_size == config.decoder.hidden_size
+    if mode == "auto":
+        return "copy" if same_width else "random"
+    if mode == "copy" and not same_width:
+        raise ValueError(f"--cross-attn copy needs equal widths, but the encoder is "
+                         f"{config.encoder.hidden_size} wide and the decoder {config.decoder.hidden_size}: "
+                         "cross-attention k/v must read the encoder width (use random)")
+    if mode not in ("copy", "random"):
+        raise ValueError(f"cross-attention initialisation must be auto, copy or random, got {mode!r}")
+    return mode
+
+
+def adapt_params(encoder_params: dict, encoder_config: GemmaConfig, decoder_params: dict,
+                 decoder_config: GemmaConfig, cross_attn="auto", seed=0, std=0.02):
+    """(T5GemmaConfig, params, mode). The source dicts are Gemma 2 params (HF names); the
+    result shares their arrays (no copy), so adapting a 2B model needs no second 10 GB."""
+    config = adapted_config(encoder_config, decoder_config)
+    mode = resolve_cross_attn(cross_attn, config)
+    params = {}
+    for side, source in (("encoder", encoder_params), ("decoder", decoder_params)):
+        for name, array in source.items():
+            if name != "lm_head.weight":                          # tied to the embedding
+                params[map_name(name, side)] = array
+    rng = np.random.default_rng(seed)
+    dtype = next(iter(decoder_params.values())).dtype
+    shapes = param_shapes(config)
+    for name in cross_attention_names(config):                    # layer order: reproducible per seed
+        layer, part = name[len("model.decoder.layers."):].split(".", 1)
+        part = part[: -len(".weight")]
+        if mode == "copy":
+            params[name] = decoder_params[f"model.layers.{layer}.{_CROSS_FROM_SELF[part]}.weight"]
+        elif len(shapes[name]) == 1:
+            params[name] = np.zeros(shapes[name], dtype=dtype)    # RMSNorm offset 0: scale 1
+        else:
+            params[name] = rng.normal(0.0, std, shapes[name]).astype(dtype)
+    missing = sorted(set(shapes) - set(params))
+    unknown = sorted(set(params) - set(shapes))
+    if missing or unknown:                                        # a source that is not a Gemma 2 model
+        raise ValueError(f"adaptation produced missing {missing[:4]} / unknown {unknown[:4]} tensors")
+    return config, params, mode

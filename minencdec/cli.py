@@ -1,0 +1,124 @@
+"""The `minencdec` command. Each subcommand is a thin shell over a library function.
+
+    minencdec presets                          the paper's model sizes and parameter counts
+    minencdec info DIR_OR_PRESET               a checkpoint's (or preset's) config and size
+    minencdec adapt --encoder-from DIR --decoder-from DIR --out DIR [--cross-attn auto|copy|random]
+    minencdec dump / compare                   verify another implementation, layer by layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .config import PRESETS, T5GemmaConfig, num_parameters
+
+
+def progress_bar(label, quiet_seconds=1.0):
+    """A one-line progress bar on stderr: callable(done, total, name). It stays silent for
+    work that ends within `quiet_seconds` and redraws at most ten times a second."""
+    start, state = time.monotonic(), {"drawn": 0.0}
+
+    def update(done, total, name=""):
+        now = time.monotonic()
+        finished = done >= total
+        if now - start < quiet_seconds and not (finished and state["drawn"]):
+            return
+        if not finished and now - state["drawn"] < 0.1:
+            return
+        state["drawn"] = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                         f"{now - start:5.1f}s {name[:40]:<40}")
+        if finished:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return update
+
+
+def cmd_presets(args):
+    print(f"{'preset':<10} {'layers':>6} {'d_model':>7} {'ffn':>6} {'heads':>5} {'kv':>3} {'head_dim':>8} "
+          f"{'decoder-only':>14} {'enc-dec (X-X)':>15}")
+    for name, c in PRESETS.items():
+        print(f"{name:<10} {c.num_hidden_layers:>6} {c.hidden_size:>7} {c.intermediate_size:>6} "
+              f"{c.num_attention_heads:>5} {c.num_key_value_heads:>3} {c.head_dim:>8} "
+              f"{num_parameters(c):>14,} {num_parameters(T5GemmaConfig(c, c)):>15,}")
+    print(f"9b-2b enc-dec: {num_parameters(T5GemmaConfig(PRESETS['gemma2-9b'], PRESETS['gemma2-2b'])):,}")
+    return 0
+
+
+def cmd_info(args):
+    from .pretrained import read_model_config
+    if args.target in PRESETS:
+        kind, cfg = "gemma2 preset", PRESETS[args.target]
+    else:
+        kind, cfg = read_model_config(args.target)
+    print(f"{args.target}: {kind}, {num_parameters(cfg):,} parameters (tied LM head counted once)")
+    stacks = [("encoder", cfg.encoder), ("decoder", cfg.decoder)] if isinstance(cfg, T5GemmaConfig) else [("model", cfg)]
+    for label, c in stacks:
+        print(f"  {label}: {c.num_hidden_layers} layers, width {c.hidden_size}, ffn {c.intermediate_size}, "
+              f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv, head_dim {c.head_dim}, "
+              f"vocab {c.vocab_size}, window {c.sliding_window}, softcaps "
+              f"{c.attn_logit_softcapping}/{c.final_logit_softcapping}")
+    return 0
+
+
+def cmd_adapt(args):
+    from .pretrained import adapt_checkpoints
+    config, mode = adapt_checkpoints(args.encoder_from, args.decoder_from, args.out, args.cross_attn,
+                                     args.seed, args.dtype, args.save_dtype, progress_bar("loading"))
+    print(f"wrote {args.out}: T5Gemma {config.encoder.num_hidden_layers}+{config.decoder.num_hidden_layers} "
+          f"layers, widths {config.encoder.hidden_size}/{config.decoder.hidden_size}, cross-attention {mode}, "
+          f"{num_parameters(config):,} parameters")
+    if mode == "random":
+        print("cross-attention is random: warm it up alone first (train with only "
+              "t5gemma.cross_attention_names(config) unfrozen, ~1000 steps in the paper)")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="minencdec", description=(
+        "A readable NumPy reference of Gemma 2 and Encoder-Decoder Gemma (T5Gemma): "
+        "load Hugging Face checkpoints, adapt decoder-only models into encoder-decoders, "
+        "and verify other implementations layer by layer."))
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("presets", help="list the paper's model sizes with exact parameter counts")
+    s.set_defaults(func=cmd_presets)
+    s = sub.add_parser("info", help="show a checkpoint's (or a preset's) configuration and size")
+    s.add_argument("target", help="a checkpoint directory or a preset name")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("adapt", help="turn Gemma 2 checkpoint(s) into a T5Gemma checkpoint (paper sec. 3.2)")
+    s.add_argument("--encoder-from", required=True, help="Gemma 2 checkpoint for the encoder (the larger model)")
+    s.add_argument("--decoder-from", required=True, help="Gemma 2 checkpoint for the decoder (the smaller model)")
+    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--cross-attn", default="auto", choices=("auto", "copy", "random"),
+                   help="copy self-attention (equal widths) or random init; auto picks (default)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random cross-attention")
+    s.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="working precision")
+    s.add_argument("--save-dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"),
+                   help="precision of the written tensors (default: the working precision)")
+    s.set_defaults(func=cmd_adapt)
+    try:
+        from .verify import add_commands
+        add_commands(sub)
+    except ImportError:                                   # the verification tools are optional
+        pass
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:                    # CheckpointError is a ValueError
+        print(f"minencdec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Hugging Face checkpoint directories in and out: the model kind is read from config.json.
+
+    load_pretrained("dir", dtype="float64")   -> Gemma2Model or T5GemmaModel
+    adapt_checkpoints(enc_dir, dec_dir, out)  -> writes a T5Gemma directory
+
+Everything is checked before anything is read or written (checkpoint.py does the
+tensor-level checks); a failure leaves no half-loaded model and no half-written directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import gemma2, t5gemma
+from .adapt import adapt_params
+from .checkpoint import CheckpointError, checkpoint_kind, load_tensors, read_config, save_tensors
+from .config import GemmaConfig, T5GemmaConfig
+from .validate import resolve_dtype
+
+# Files beside the weights that belong to the model and travel with it.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_model_config(path):
+    """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory."""
+    raw = read_config(path)
+    kind = checkpoint_kind(raw)
+    source = os.path.join(str(path), "config.json")
+    try:
+        cfg = GemmaConfig.from_hf_dict(raw, source) if kind == "gemma2" else T5GemmaConfig.from_hf_dict(raw, source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return kind, cfg
+
+
+def load_pretrained(path, dtype="float32", expect=None, progress=None):
+    """Load a Gemma2ForCausalLM or T5GemmaForConditionalGeneration directory.
+
+    `expect` ("gemma2" / "t5gemma") turns a checkpoint of the other kind into a clear error.
+    Weights are converted tensor by tensor, so memory holds one copy (plus one tensor)."""
+    dtype = resolve_dtype(dtype)
+    kind, cfg = read_model_config(path)
+    if expect is not None and kind != expect:
+        want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
+                "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
+        raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
+    module = gemma2 if kind == "gemma2" else t5gemma
+    cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
+    params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
+    return cls(cfg, params, dtype)
+
+
+def _tokenizer_files(path):
+    out = {}
+    for name in TOKENIZER_FILES:
+        full = os.path.join(str(path), name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def adapt_checkpoints(encoder_from, decoder_from, out, cross_attn="auto", seed=0, dtype="float32",
+                      save_dtype=None, progress=None):
+    """Read two Gemma 2 checkpoints (or one twice), write the adapted T5Gemma checkpoint to
+    `out` atomically, carrying the decoder source's tokenizer files along. Returns
+    (config, mode). A balanced pair given as one directory is read only once."""
+    enc = load_pretrained(encoder_from, dtype, expect="gemma2", progress=progress)
+    same = os.path.realpath(str(encoder_from)) == os.path.realpath(str(decoder_from))
+    dec = enc if same else load_pretrained(decoder_from, dtype, expect="gemma2", progress=progress)
+    config, params, mode = adapt_params(enc.params, enc.config, dec.params, dec.config, cross_attn, seed)
+    hf = config.to_hf_dict()
+    hf["minencdec_adaptation"] = {"encoder_from": os.path.abspath(str(encoder_from)),
+                                  "decoder_from": os.path.abspath(str(decoder_from)),
+                                  "cross_attn": mode, "seed": seed}
+    save_tensors(out, params, hf, dtype=save_dtype, extra_files=_tokenizer_files(decoder_from))
+    return config, mode

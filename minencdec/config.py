@@ -12,7 +12,7 @@ laptops; `num_parameters` reproduces the paper's parameter counts exactly.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 

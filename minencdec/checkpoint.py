@@ -115,7 +115,8 @@ def load_tensors(path, expected: dict[str, tuple[int, ...]], dtype, *, ignore: t
              f"the model expects {tuple(expected[name])}"
              for name in expected if tuple(found[name][1]["shape"]) != tuple(expected[name])]
     if wrong:
-        raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(wrong))
+        more = f"; ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+        raise CheckpointError(f"{path}: {len(wrong)} shape mismatch(es): " + "; ".join(wrong[:10]) + more)
     bad = [f"{name} ({found[name][1]['dtype']})" for name in expected
            if found[name][1]["dtype"] not in _STORED]
     if bad:

@@ -12,7 +12,7 @@ import cases
 from helpers import RTOL_F32, assert_close
 from minencdec import cli, gemma2, t5gemma
 from minencdec.adapt import adapt_params, map_name
-from minencdec.checkpoint import CheckpointError
+from minencdec.checkpoint import CheckpointError, save_tensors
 from minencdec.config import GemmaConfig
 from minencdec.pretrained import adapt_checkpoints, load_pretrained
 
@@ -136,3 +136,17 @@ def test_adapt_command(checkpoints, capsys):
                      "--out", str(tmp / "bad"), "--cross-attn", "copy"]) == 2
     assert "copy needs equal widths" in capsys.readouterr().err
     assert not (tmp / "bad").exists()
+
+
+def test_cross_attention_width_that_does_not_fit_is_named(checkpoints):
+    """Stored cross-attention k/v that read another width than the encoder's."""
+    tmp, _, _ = checkpoints
+    adapt_checkpoints(tmp / "large", tmp / "small", tmp / "t5", dtype="float64")
+    model = load_pretrained(tmp / "t5", "float64")
+    params = dict(model.params)
+    name = "model.decoder.layers.1.cross_attn.v_proj.weight"
+    params[name] = np.zeros((16, 20))                             # the encoder is 24 wide
+    save_tensors(tmp / "bad", params, model.config.to_hf_dict())
+    with pytest.raises(CheckpointError, match=r"1 shape mismatch.*layers.1.cross_attn.v_proj.weight has "
+                                              r"shape \(16, 20\).*expects \(16, 24\)"):
+        load_pretrained(tmp / "bad")

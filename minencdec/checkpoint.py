@@ -301,8 +301,9 @@ def _check_save(path: Path, tensors, config_dict, dtype, extra_files, max_shard_
     reserved = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE}
     for name, data in extra_files.items():
         if (not isinstance(name, str) or Path(name).name != name or name in reserved
-                or name.endswith(".safetensors") or name in (".", "..")):
-            raise CheckpointError(f"extra file name {name!r} must be a plain file name, not a weights file")
+                or (name.startswith("model") and name.endswith(".safetensors")) or name in (".", "..")):
+            raise CheckpointError(f"extra file name {name!r} must be a plain file name, not a weights file "
+                                  "(model*.safetensors)")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CheckpointError(f"extra file {name!r}: expected bytes, got {type(data).__name__}")
     return tags

@@ -10,32 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
+from . import progress
 from .config import PRESETS, T5GemmaConfig, num_parameters
-
-
-def progress_bar(label, quiet_seconds=1.0):
-    """A one-line progress bar on stderr: callable(done, total, name). It stays silent for
-    work that ends within `quiet_seconds` and redraws at most ten times a second."""
-    start, state = time.monotonic(), {"drawn": 0.0}
-
-    def update(done, total, name=""):
-        now = time.monotonic()
-        finished = done >= total
-        if now - start < quiet_seconds and not (finished and state["drawn"]):
-            return
-        if not finished and now - state["drawn"] < 0.1:
-            return
-        state["drawn"] = now
-        width = 30
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                         f"{now - start:5.1f}s {name[:40]:<40}")
-        if finished:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return update
 
 
 def cmd_presets(args):
@@ -68,7 +45,7 @@ def cmd_info(args):
 def cmd_adapt(args):
     from .pretrained import adapt_checkpoints
     config, mode = adapt_checkpoints(args.encoder_from, args.decoder_from, args.out, args.cross_attn,
-                                     args.seed, args.dtype, args.save_dtype, progress_bar("loading"))
+                                     args.seed, args.dtype, args.save_dtype, progress.callback("loading"))
     print(f"wrote {args.out}: T5Gemma {config.encoder.num_hidden_layers}+{config.decoder.num_hidden_layers} "
           f"layers, widths {config.encoder.hidden_size}/{config.decoder.hidden_size}, cross-attention {mode}, "
           f"{num_parameters(config):,} parameters")

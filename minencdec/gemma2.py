@@ -117,7 +117,13 @@ class Gemma2Model:
         loss, ce_c = cross_entropy_forward(logits, shift_labels(labels))
         return loss, backward(cross_entropy_backward(ce_c), cache)
 
+    tied_names = (TIED_HEAD,)    # present in some checkpoints, always ignored (tied to the embedding)
+
+    def hf_config(self) -> dict:
+        """The config.json transformers reads for this model."""
+        return self.config.to_hf_dict("gemma2")
+
     def save_pretrained(self, path, dtype=None):
         """A Gemma2ForCausalLM directory that transformers' from_pretrained loads."""
         from .checkpoint import save_tensors
-        save_tensors(path, self.params, self.config.to_hf_dict("gemma2"), dtype=dtype)
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype)

@@ -159,7 +159,13 @@ class T5GemmaModel:
         loss, ce_c = cross_entropy_forward(logits, labels)       # labels are already the targets
         return loss, backward(cross_entropy_backward(ce_c), cache)
 
+    tied_names = (TIED_HEAD,)    # present in some checkpoints, always ignored (tied to the embedding)
+
+    def hf_config(self) -> dict:
+        """The config.json transformers reads for this model."""
+        return self.config.to_hf_dict()
+
     def save_pretrained(self, path, dtype=None):
         """A T5GemmaForConditionalGeneration directory that transformers loads."""
         from .checkpoint import save_tensors
-        save_tensors(path, self.params, self.config.to_hf_dict(), dtype=dtype)
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype)

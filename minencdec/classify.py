@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gemma2, t5gemma
+from .config import T5GemmaConfig
 from .layers import linear_backward, linear_forward
 from .losses import cross_entropy_backward, cross_entropy_forward
 from .stack import GEMMA2, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
@@ -72,6 +73,26 @@ class Classifier:
         if is_t5:
             params["score.out_proj.bias"] = np.zeros(num_labels, dtype=model.dtype)
         return cls("t5gemma" if is_t5 else "gemma2", cfg, params, num_labels, model.dtype)
+
+    tied_names = ()
+
+    def hf_config(self) -> dict:
+        """config.json for transformers' T5GemmaForSequenceClassification (encoder-only:
+        is_encoder_decoder false; the decoder sub-config is unused and mirrors the encoder)
+        or Gemma2ForSequenceClassification."""
+        if self.kind == "t5gemma":
+            d = T5GemmaConfig(self.config, self.config).to_hf_dict()
+            d.update(architectures=["T5GemmaForSequenceClassification"], is_encoder_decoder=False)
+        else:
+            d = self.config.to_hf_dict("gemma2")
+            d["architectures"] = ["Gemma2ForSequenceClassification"]
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return d
+
+    def save_pretrained(self, path, dtype=None):
+        from .checkpoint import save_tensors
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype)
 
     def _forward(self, input_ids, attention_mask):
         c = self.config

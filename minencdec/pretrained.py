@@ -13,8 +13,10 @@ import os
 
 from . import gemma2, t5gemma
 from .adapt import adapt_params
+from .classify import Classifier
 from .checkpoint import CheckpointError, checkpoint_kind, load_tensors, read_config, save_tensors
 from .config import GemmaConfig, T5GemmaConfig
+from .stack import GEMMA2, T5_ENCODER, stack_param_shapes
 from .validate import resolve_dtype
 
 # Files beside the weights that belong to the model and travel with it.
@@ -44,10 +46,30 @@ def load_pretrained(path, dtype="float32", expect=None, progress=None):
         want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
                 "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
         raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
+    if any(str(a).endswith("ForSequenceClassification") for a in read_config(path).get("architectures") or []):
+        return _load_classifier(path, kind, cfg, dtype, progress)
     module = gemma2 if kind == "gemma2" else t5gemma
     cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
     params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
     return cls(cfg, params, dtype)
+
+
+def _load_classifier(path, kind, cfg, dtype, progress):
+    """A Gemma2ForSequenceClassification or (encoder-only) T5GemmaForSequenceClassification."""
+    raw = read_config(path)
+    if kind == "t5gemma" and raw.get("is_encoder_decoder", True):
+        raise CheckpointError(f"{path}: T5Gemma classification with is_encoder_decoder=true is not "
+                              "supported (minencdec classifies from the encoder, the paper's setup)")
+    num_labels = len(raw.get("id2label") or {}) or raw.get("num_labels") or 2
+    stack = cfg.encoder if kind == "t5gemma" else cfg
+    names = T5_ENCODER if kind == "t5gemma" else GEMMA2
+    shapes = stack_param_shapes(stack, names)
+    head = "score.out_proj." if kind == "t5gemma" else "score."
+    shapes[head + "weight"] = (num_labels, stack.hidden_size)
+    if kind == "t5gemma":
+        shapes[head + "bias"] = (num_labels,)
+    params = load_tensors(path, shapes, dtype, progress=progress)
+    return Classifier(kind, stack, params, num_labels, dtype)
 
 
 def _tokenizer_files(path):

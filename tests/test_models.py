@@ -181,3 +181,25 @@ def test_bad_parameters_are_named():
         gemma2.Gemma2Model(config, dict(params, extra=np.zeros(1)))
     with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
         gemma2.Gemma2Model(config, params, "float16")
+
+
+@pytest.mark.parametrize("stem", ["cls_gemma2_gqa_odd", "cls_t5gemma_enc_unbalanced"])
+def test_classifier_checkpoints_round_trip_through_transformers(stem, tmp_path):
+    """Save a classifier, load it back (ours) and in transformers: the same class logits."""
+    kind, config, params, inputs, _ = cases.golden_case(stem)
+    model = build(kind, config, params)
+    model.save_pretrained(tmp_path / "cls", dtype="float64")
+    from minencdec.pretrained import load_pretrained
+    back = load_pretrained(tmp_path / "cls", "float64")
+    assert isinstance(back, Classifier) and back.num_labels == cases.NUM_LABELS
+    ours = model.logits(inputs["input_ids"], inputs["attention_mask"])
+    assert np.array_equal(back.logits(inputs["input_ids"], inputs["attention_mask"]), ours)
+    torch = pytest.importorskip("torch")
+    import transformers
+    from minencdec.hf_oracle import float64_exact
+    cls = getattr(transformers, model.hf_config()["architectures"][0])
+    theirs = cls.from_pretrained(tmp_path / "cls", attn_implementation="eager", dtype=torch.float64).eval()
+    with float64_exact(), torch.no_grad():
+        want = theirs(input_ids=torch.tensor(inputs["input_ids"]),
+                      attention_mask=torch.tensor(inputs["attention_mask"])).logits.numpy()
+    assert_close("classifier logits via transformers", ours, want, RTOL_F64)

@@ -159,6 +159,13 @@ class T5GemmaModel:
         loss, ce_c = cross_entropy_forward(logits, labels)       # labels are already the targets
         return loss, backward(cross_entropy_backward(ce_c), cache)
 
+    def generate(self, input_ids, max_new_tokens=32, attention_mask=None, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, seed=None, min_new_tokens=0, eos_token_id=None, stream=None):
+        """New tokens as transformers' generate returns them (see minencdec.generate.generate)."""
+        from .generate import generate          # generate.py imports this module
+        return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature,
+                        top_k, top_p, seed, min_new_tokens, eos_token_id, stream)
+
     tied_names = (TIED_HEAD,)    # present in some checkpoints, always ignored (tied to the embedding)
 
     def hf_config(self) -> dict:

@@ -4,6 +4,8 @@
     minencdec info DIR_OR_PRESET               a checkpoint's (or preset's) config and size
     minencdec adapt --encoder-from DIR --decoder-from DIR --out DIR [--cross-attn auto|copy|random]
     minencdec dump / compare                   verify another implementation, layer by layer
+    minencdec generate --model DIR --prompt "..."   stream a continuation (KV caches)
+    minencdec efficiency [--out DIR]           FLOPs and latency: decoder-only vs encoder-decoder
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import sys
 
 from . import progress
+from .generate import add_commands as add_generation_commands
+from .verify import add_commands as add_verification_commands
 from .config import PRESETS, T5GemmaConfig, num_parameters
 
 
@@ -77,11 +81,8 @@ def build_parser():
     s.add_argument("--save-dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"),
                    help="precision of the written tensors (default: the working precision)")
     s.set_defaults(func=cmd_adapt)
-    try:
-        from .verify import add_commands
-        add_commands(sub)
-    except ImportError:                                   # the verification tools are optional
-        pass
+    add_verification_commands(sub)                        # dump, compare
+    add_generation_commands(sub)                          # generate, efficiency
     return p
 
 

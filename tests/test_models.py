@@ -113,6 +113,8 @@ def test_float32_matches_transformers_float32(stem):
                                      inputs["decoder_input_ids"], inputs["decoder_attention_mask"],
                                      dtype="float32", exact=False)
     assert ours.dtype == np.float32
+    _, grads = model.loss_and_grads(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
+    assert all(g.dtype == np.float32 for g in grads.values()), "a float32 backward must stay float32"
     rows = comparable(kind, inputs)
     assert_close("float32 logits", ours[rows], want["logits"][rows], RTOL_F32)
 

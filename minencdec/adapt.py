@@ -73,7 +73,10 @@ def resolve_cross_attn(mode: str, config: T5GemmaConfig) -> str:
 def adapt_params(encoder_params: dict, encoder_config: GemmaConfig, decoder_params: dict,
                  decoder_config: GemmaConfig, cross_attn="auto", seed=0, std=0.02):
     """(T5GemmaConfig, params, mode). The source dicts are Gemma 2 params (HF names); the
-    result shares their arrays (no copy), so adapting a 2B model needs no second 10 GB."""
+    result shares their arrays (no copy), so adapting a 2B model needs no second 10 GB.
+    Writing the result to disk is safe as it is; `T5GemmaModel(config, params)` copies the
+    arrays that are shared between names (every parameter must own its memory to train),
+    but the source model's arrays are still shared with it: train a copy, or reload."""
     config = adapted_config(encoder_config, decoder_config)
     mode = resolve_cross_attn(cross_attn, config)
     params = {}

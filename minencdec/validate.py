@@ -74,10 +74,17 @@ def check_params(params, shapes, dtype):
         raise ValueError(f"missing parameters: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if unknown:
         raise ValueError(f"unknown parameters: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-    out = {}
+    out, seen = {}, []
     for name, shape in shapes.items():
         a = np.asarray(params[name])
         if a.shape != tuple(shape):
             raise ValueError(f"parameter {name} has shape {a.shape}, expected {tuple(shape)}")
-        out[name] = np.ascontiguousarray(a, dtype=dtype)
+        a = np.ascontiguousarray(a, dtype=dtype)
+        # Every parameter must own its memory: an optimizer updates them in place, so two
+        # names sharing one array (adapt_params shares on purpose, to save memory) would be
+        # updated twice per step. Shared arrays are copied here, once.
+        if any(np.may_share_memory(a, b) for b in seen):       # a bounds check: cheap
+            a = a.copy()
+        seen.append(a)
+        out[name] = a
     return out

@@ -150,3 +150,19 @@ def test_cross_attention_width_that_does_not_fit_is_named(checkpoints):
     with pytest.raises(CheckpointError, match=r"1 shape mismatch.*layers.1.cross_attn.v_proj.weight has "
                                               r"shape \(16, 20\).*expects \(16, 24\)"):
         load_pretrained(tmp / "bad")
+
+
+def test_a_model_built_from_shared_arrays_owns_its_parameters():
+    """adapt_params shares arrays between names (balanced: cross == self == encoder); the
+    model must not, or an in-place optimizer step would update one array several times."""
+    small = random_gemma2(SMALL, 1)
+    config, params, _ = adapt_params(small.params, SMALL, small.params, SMALL, "copy")
+    q = "model.decoder.layers.0.cross_attn.q_proj.weight"
+    assert params[q] is params["model.decoder.layers.0.self_attn.q_proj.weight"]   # shared on purpose
+    model = t5gemma.T5GemmaModel(config, params, "float64")
+    arrays = list(model.params.values())
+    for i, a in enumerate(arrays):
+        assert not any(np.may_share_memory(a, b) for b in arrays[i + 1:])
+    model.params[q] += 1.0                                        # one name changes, no other
+    assert np.array_equal(model.params["model.decoder.layers.0.self_attn.q_proj.weight"],
+                          small.params["model.layers.0.self_attn.q_proj.weight"])

@@ -14,6 +14,8 @@ import argparse
 import sys
 
 from . import progress
+from .commands import add_commands as add_training_commands
+from .demo import add_commands as add_demo_commands
 from .generate import add_commands as add_generation_commands
 from .verify import add_commands as add_verification_commands
 from .config import PRESETS, T5GemmaConfig, num_parameters
@@ -83,13 +85,16 @@ def build_parser():
     s.set_defaults(func=cmd_adapt)
     add_verification_commands(sub)                        # dump, compare
     add_generation_commands(sub)                          # generate, efficiency
+    add_training_commands(sub)                            # pretrain, train, finetune
+    add_demo_commands(sub)                                # demo
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0     # training commands return their model
     except (ValueError, OSError) as e:                    # CheckpointError is a ValueError
         print(f"minencdec {args.command}: error: {e}", file=sys.stderr)
         return 2

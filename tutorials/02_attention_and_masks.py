@@ -1,0 +1,277 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 2. Attention and its masks
+#
+# One function computes every attention in Gemma 2 and T5Gemma,
+# `minencdec.attention.attention_forward(q, k, v, mask, scale, cap)`:
+#
+# $$ s = \mathrm{softcap}_{50}(q k^\top \cdot \text{scale}), \qquad
+#    s_{ij} = -\infty \text{ where the mask hides key } j, \qquad
+#    p = \mathrm{softmax}_j(s), \qquad o = p\, v $$
+#
+# What changes between the decoder's self-attention, the encoder's, and the decoder's
+# cross-attention is only the **mask**: a boolean (T, S) array, True where query i may see
+# key j. This tutorial draws every mask the models use, shows which key/value head serves
+# which query head (GQA), looks at real attention weights, and derives the backward.
+
+# %%
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+try:
+    import minencdec  # noqa: F401
+except ImportError:                      # a checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent))
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")                # running as a script: write files, open no window
+import matplotlib.pyplot as plt
+
+from minencdec.attention import (attention_backward, attention_block_forward, attention_forward,
+                                 bidirectional_mask, causal_mask, with_key_padding)
+from minencdec.config import preset
+from minencdec.gemma2 import Gemma2Model, init_params, self_attention_masks
+from minencdec.layers import rmsnorm_forward, rope_cos_sin
+
+QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
+FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
+FIG.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## The masks
+#
+# | mask | key j visible to query i iff | used by |
+# |---|---|---|
+# | causal | j <= i | decoder self-attention, full layers |
+# | causal sliding, window w | i - w < j <= i (w keys, itself included) | decoder, even layers |
+# | bidirectional | always | encoder, full layers |
+# | bidirectional sliding | \|i - j\| <= w (`"le"`, transformers >= 5) or < w (`"lt"`, 4.53-4.57, JAX) | encoder, even layers |
+# | cross | always (T queries, S encoder keys) | decoder cross-attention, never windowed |
+# | padding | key j is a real token | ANDed onto any of the above |
+#
+# We build each with the library, then check it cell by cell against the rule in the table,
+# written as a plain double loop (a second, independent statement of the same rule).
+
+# %%
+T, S, w = 12, 8, 4
+src_pad = np.array([[1, 1, 1, 1, 1, 1, 0, 0]])          # encoder input: 6 tokens, 2 pads
+tgt_pad = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])   # left-padded decoder input
+
+masks = {
+    "causal": causal_mask(T),
+    f"causal sliding, w = {w}": causal_mask(T, w),
+    "bidirectional": bidirectional_mask(T),
+    f"bidirectional sliding |i-j| <= {w}\n(transformers >= 5)": bidirectional_mask(T, w, "le"),
+    f"bidirectional sliding |i-j| < {w}\n(transformers 4.53-4.57, JAX)": bidirectional_mask(T, w, "lt"),
+    "cross (T x S), 2 padded\nencoder keys": with_key_padding(np.ones((T, S), bool), src_pad)[0],
+    "causal + left padding\n(2 pads)": with_key_padding(causal_mask(T), tgt_pad)[0],
+}
+rules = [lambda i, j: j <= i,
+         lambda i, j: i - w < j <= i,
+         lambda i, j: True,
+         lambda i, j: abs(i - j) <= w,
+         lambda i, j: abs(i - j) < w,
+         lambda i, j: bool(src_pad[0, j]),
+         lambda i, j: j <= i and bool(tgt_pad[0, j])]
+for (name, mask), rule in zip(masks.items(), rules):
+    want = np.array([[rule(i, j) for j in range(mask.shape[1])] for i in range(mask.shape[0])])
+    assert np.array_equal(mask, want), name
+print("every mask matches its rule; visible keys per query, causal sliding:",
+      masks[f"causal sliding, w = {w}"].sum(1))
+
+# %% [markdown]
+# Two rows need a second look. With left padding, query 0 is itself a pad and can see only
+# key 0, also a pad: its row is **empty** (all False). The softmax of an all `-inf` row is
+# 0/0; we come back to it below. And the two bidirectional sliding rules differ by exactly
+# one diagonal on each side: a checkpoint trained with one and run with the other is
+# slightly wrong on every sliding layer, which is why `GemmaConfig.bidirectional_window`
+# lets you pick.
+#
+# ## GQA: which key/value head serves which query head
+#
+# Gemma 2 2B has H = 8 query heads but only K = 4 key/value heads. The H heads are split
+# into K groups of G = H / K consecutive heads; query head h reads kv head h // G.
+# `attention_forward` does this with a reshape, (B, H, T, Dh) -> (B, K, G, T, Dh), instead of
+# copying k and v G times. Proof that this is the same as copying: repeat each kv head G
+# times (`np.repeat`: 0, 0, 1, 1, ...) and run plain multi-head attention. The negative
+# control, `np.tile` (0, 1, 0, 1, ...), pairs heads wrongly and must differ.
+
+# %%
+H, K, Dh = 8, 4, 16
+G = H // K
+q = rng.normal(size=(1, H, T, Dh))
+k, v = rng.normal(size=(2, 1, K, T, Dh))
+mask = causal_mask(T)[None]
+o_gqa, _ = attention_forward(q, k, v, mask, Dh ** -0.5, 50.0)
+o_rep, _ = attention_forward(q, np.repeat(k, G, 1), np.repeat(v, G, 1), mask, Dh ** -0.5, 50.0)
+o_tile, _ = attention_forward(q, np.tile(k, (1, G, 1, 1)), np.tile(v, (1, G, 1, 1)), mask, Dh ** -0.5, 50.0)
+assert np.allclose(o_gqa, o_rep, rtol=0, atol=1e-12)
+assert not np.allclose(o_gqa, o_tile)
+print("GQA == multi-head attention on kv heads repeated 0,0,1,1,2,2,3,3; tiled 0,1,2,3,0,.. differs")
+head_map = np.arange(H)[:, None] // G == np.arange(K)[None, :]          # (H, K): who reads whom
+
+# %%
+fig, axes = plt.subplots(2, 4, figsize=(14, 7.6))
+for ax, (name, mask) in zip(axes.flat, masks.items()):
+    ax.imshow(mask, cmap="Blues", vmin=0, vmax=1.3)
+    ax.set_title(name, fontsize=9.5)
+    ax.set_xticks(range(mask.shape[1])); ax.set_yticks(range(T))      # noqa: E702
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("key j", fontsize=8); ax.set_ylabel("query i", fontsize=8)   # noqa: E702
+ax = axes.flat[-1]
+ax.imshow(head_map, cmap="Oranges", vmin=0, vmax=1.3, aspect=0.5)
+ax.set_title(f"GQA: query head h reads kv head h // {G}\n(H = {H}, K = {K})", fontsize=9.5)
+ax.set_xticks(range(K)); ax.set_yticks(range(H))                        # noqa: E702
+ax.set_xlabel("kv head", fontsize=8); ax.set_ylabel("query head", fontsize=8)   # noqa: E702
+fig.suptitle("Attention masks: dark = key visible to the query", fontsize=12)
+fig.tight_layout()
+fig.savefig(FIG / "02_masks.png", dpi=110)
+
+# %% [markdown]
+# ## Real attention weights from a tiny random model
+#
+# The masks decide where attention *may* look; the weights p decide where it does. We take
+# a small random Gemma 2 (3 layers; layer 0 slides with window 6, layer 1 is full), run it,
+# and recompute the attention of layers 0 and 1 with the library's own
+# `attention_block_forward`, whose cache holds p. We first prove we are looking at the same
+# numbers the model used: after the post-norm, our recomputed block output equals the
+# sublayer output the model recorded.
+#
+# At transformers' initialisation (std 0.02) all scores are nearly zero, so every query
+# spreads its attention evenly over the keys it may see, 1/(number visible): we check that,
+# then use larger random weights (std 0.2) so the picture has some structure.
+
+# %%
+cfg = preset("nano", sliding_window=6)
+L = 20
+
+
+def layer_attention(params, ids, layer):
+    """p (H, T, T) of self-attention in `layer`, recomputed from the recorded residual stream."""
+    model = Gemma2Model(cfg, params, "float64")
+    rec = {}
+    model.logits(ids, record=rec)
+    h = rec["embed"] if layer == 0 else rec[f"layers.{layer - 1}"]              # the layer's input
+    P = f"model.layers.{layer}."
+    x, _ = rmsnorm_forward(h, model.params[P + "input_layernorm.weight"], cfg.rms_norm_eps)
+    wts = {n: model.params[f"{P}self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    rope = rope_cos_sin(np.arange(ids.shape[1]), cfg.head_dim, cfg.rope_theta, np.float64)
+    y, cache = attention_block_forward(x, x, wts, self_attention_masks(cfg, ids.shape[1])[layer],
+                                       cfg.num_attention_heads, cfg.num_key_value_heads,
+                                       cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, rope)
+    z, _ = rmsnorm_forward(y, model.params[P + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    assert np.allclose(z, rec[f"layers.{layer}.self_attn"], rtol=0, atol=1e-12)   # the model's own numbers
+    p = cache[5][3]                                          # attention cache: (qg, k, v, p, ...)
+    return p.reshape(cfg.num_attention_heads, L, L)          # (B=1, K, G, T, S) -> (H, T, S)
+
+
+ids = rng.integers(3, cfg.vocab_size, size=(1, L))
+visible = causal_mask(L, cfg.sliding_window)
+p_init = layer_attention(init_params(cfg, seed=1, dtype="float64", std=0.02), ids, 0)
+uniform = visible / visible.sum(1, keepdims=True)
+print(f"std 0.02: max |p - 1/visible| = {np.abs(p_init - uniform).max():.3f}  (nearly uniform)")
+assert np.abs(p_init - uniform).max() < 0.05
+
+params = init_params(cfg, seed=1, dtype="float64", std=0.2)
+for n in params:
+    if params[n].ndim == 1:                                  # random, non-zero norm offsets
+        params[n] = rng.normal(0.0, 0.2, params[n].shape)
+p_layers = {layer: layer_attention(params, ids, layer) for layer in (0, 1)}
+for layer, p in p_layers.items():
+    allowed = causal_mask(L, cfg.window(layer))
+    assert np.allclose(p.sum(-1), 1.0) and np.all(p[:, ~allowed] == 0.0)   # rows sum to 1, masked = 0
+
+cmap = plt.get_cmap("magma").copy()
+cmap.set_bad("0.85")                                         # masked keys drawn grey, not as p = 0
+fig, axes = plt.subplots(2, 4, figsize=(13, 7), layout="constrained")
+for row, layer in enumerate((0, 1)):
+    kind = f"sliding, w = {cfg.window(layer)}" if cfg.window(layer) else "full causal"
+    allowed = causal_mask(L, cfg.window(layer))
+    for head in range(cfg.num_attention_heads):
+        ax = axes[row, head]
+        im = ax.imshow(np.ma.masked_where(~allowed, p_layers[layer][head]), cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(f"layer {layer} ({kind}), head {head}\nreads kv head "
+                     f"{head // (cfg.num_attention_heads // cfg.num_key_value_heads)}", fontsize=9)
+        ax.set_xticks(range(0, L, 5)); ax.set_yticks(range(0, L, 5))        # noqa: E702
+        ax.set_xlabel("key", fontsize=8); ax.set_ylabel("query", fontsize=8)   # noqa: E702
+        ax.tick_params(labelsize=7)
+fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight p (grey: masked)")
+fig.suptitle("Attention weights of a tiny random Gemma 2 (random weights, std 0.2)", fontsize=12)
+fig.savefig(FIG / "02_attention_weights.png", dpi=110)
+
+# %% [markdown]
+# ## The backward of softmax attention
+#
+# Read the forward bottom-up, inverting one line at a time (this is `attention_backward`):
+#
+# 1. o = p v  gives  dv = p^T do  and  dp = do v^T.  With GQA, G query heads share each v,
+#    so dv **sums** over the G heads of a group (the `np.sum(..., axis=2)`).
+# 2. p = softmax(s) along a row gives ds_j = p_j (dp_j - sum_k p_k dp_k): the Jacobian of
+#    softmax is diag(p) - p p^T. A masked key has p_j = 0, so its ds_j is exactly 0: the mask
+#    needs no special case in the backward.
+# 3. s = softcap(raw) gives d raw = ds (1 - tanh^2(raw / 50)) (tutorial 1), and the scaling
+#    multiplies by `scale`.
+# 4. raw = q k^T gives dq = d raw k and dk = d raw^T q, dk again summed over each group.
+#
+# We check all three gradients with finite differences on a hard case: GQA, softcap, key
+# padding, a sliding window, and left padding that leaves the first query row fully masked.
+
+# %%
+def fd_error(loss, x, grad, n=10, h=1e-5):      # tutorial 1's checker: L = sum(o * g), so do = g
+    """Max |central difference - grad| / max|grad| over n random entries of x (float64)."""
+    errs = []
+    for i in map(tuple, rng.integers(0, x.shape, size=(n, x.ndim))):
+        old = x[i]; x[i] = old + h; up = loss(); x[i] = old - h; down = loss(); x[i] = old  # noqa: E702
+        errs.append(abs((up - down) / (2 * h) - grad[i]))
+    return max(errs) / np.max(np.abs(grad))
+
+
+Bf, Tf = (2, 6) if QUICK else (3, 16)
+key_mask = np.ones((Bf, Tf), int)
+key_mask[0, :2] = 0                                      # example 0 is left-padded: row 0 fully masked
+key_mask[1, -3:] = 0                                     # example 1 is right-padded
+mask = with_key_padding(causal_mask(Tf, 5), key_mask)    # (B, T, T)
+q = rng.normal(scale=3.0, size=(Bf, H, Tf, Dh))          # large enough that the softcap bends
+k, v = rng.normal(size=(2, Bf, K, Tf, Dh))
+g = rng.normal(size=q.shape)                             # probe: L = sum(o * g), so do = g
+
+o, cache = attention_forward(q, k, v, mask, Dh ** -0.5, 50.0)
+dq, dk, dv = attention_backward(g, cache)
+loss = lambda: np.sum(attention_forward(q, k, v, mask, Dh ** -0.5, 50.0)[0] * g)   # noqa: E731
+for name, x, grad in (("q", q, dq), ("k", k, dk), ("v", v, dv)):
+    err = fd_error(loss, x, grad)
+    print(f"attention d{name}: rel err vs finite differences {err:.1e}")
+    assert err < 1e-6
+
+# %% [markdown]
+# **Fully masked rows are safe.** The forward replaces a row max of `-inf` by 0 before
+# exponentiating, so exp(-inf - 0) = 0 everywhere and the row sum is 0; dividing by 1
+# instead of 0 leaves p = 0. The query's output is exactly zero, no NaN appears, and no
+# gradient flows through it. (A "magic" -10000 instead of -inf would instead give a
+# uniform average over the padding.)
+
+# %%
+p = cache[3]                                             # (B, K, G, T, S)
+assert np.all(np.isfinite(o)) and np.all(np.isfinite(dq)) and np.all(np.isfinite(dk))
+assert not mask[0, 0].any()                              # row 0 of example 0 sees nothing ...
+assert np.all(p[0, :, :, 0] == 0) and np.all(o[0, :, 0] == 0) and np.all(dq[0, :, 0] == 0)
+assert np.all(dk[0, :, :2] == 0) and np.all(dv[1, :, -3:] == 0)   # padded keys get no gradient
+print("fully masked query row: p = 0, output = 0, gradient = 0, no NaN")
+print("figures:", sorted(f.name for f in FIG.glob("02_*.png")))

@@ -6,6 +6,11 @@ no visible key: that query's output and gradients are exactly zero.
 
 Axes: B batch, T query length, S key length, D model width, H query heads, K kv heads,
 G = H / K queries per kv head, Dh head dim.
+
+The batched products are einsums, whose index strings name the axes. They are also faster
+here than batched matmul, which makes one small BLAS call per (batch, head): with a
+multi-threaded BLAS on a busy machine each call can stall for milliseconds (measured on a
+shared 2-core machine: 0.9 s for a (16, 4) batch of 128x32 @ 32x128, 7 ms as an einsum).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def attention_forward(q, k, v, mask, scale, cap):
     B, H, T, Dh = q.shape
     K = k.shape[1]
     qg = q.reshape(B, K, H // K, T, Dh)                          # (B, K, G, T, Dh)
-    s = qg @ k[:, :, None].swapaxes(-1, -2) * scale              # (B, K, G, T, S)
+    s = np.einsum("bkgtd,bksd->bkgts", qg, k) * scale             # (B, K, G, T, S)
     s, cap_c = softcap_forward(s, cap)                           # softcap comes before the mask
     visible = mask[:, None, None]                                # (B, 1, 1, T, S)
     s = np.where(visible, s, -np.inf)
@@ -65,7 +70,7 @@ def attention_forward(q, k, v, mask, scale, cap):
     e = np.exp(s - row_max)                                      # exp(-inf) = 0 on masked keys
     den = np.sum(e, axis=-1, keepdims=True)
     p = e / np.where(den > 0, den, 1.0)                          # (B, K, G, T, S); empty rows stay 0
-    o = p @ v[:, :, None]                                        # (B, K, G, T, Dh)
+    o = np.einsum("bkgts,bksd->bkgtd", p, v)                     # (B, K, G, T, Dh)
     return o.reshape(B, H, T, Dh), (qg, k, v, p, cap_c, scale)
 
 
@@ -73,12 +78,12 @@ def attention_backward(do, cache):
     qg, k, v, p, cap_c, scale = cache
     B, K, G, T, Dh = qg.shape
     dog = do.reshape(B, K, G, T, Dh)                             # (B, K, G, T, Dh)
-    dv = np.sum(p.swapaxes(-1, -2) @ dog, axis=2)                # (B, K, S, Dh)  inverts o = p v; G heads share v
-    dp = dog @ v[:, :, None].swapaxes(-1, -2)                    # (B, K, G, T, S)
+    dv = np.einsum("bkgts,bkgtd->bksd", p, dog)                  # (B, K, S, Dh)  inverts o = p v; G heads share v
+    dp = np.einsum("bkgtd,bksd->bkgts", dog, v)                  # (B, K, G, T, S)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))       # inverts the softmax; masked keys get 0
     ds = softcap_backward(ds, cap_c) * scale                     # inverts the softcap and the scaling
-    dq = (ds @ k[:, :, None]).reshape(B, K * G, T, Dh)           # (B, H, T, Dh)  inverts s = q k^T
-    dk = np.sum(ds.swapaxes(-1, -2) @ qg, axis=2)                # (B, K, S, Dh)
+    dq = np.einsum("bkgts,bksd->bkgtd", ds, k).reshape(B, K * G, T, Dh)   # (B, H, T, Dh)  inverts s = q k^T
+    dk = np.einsum("bkgts,bkgtd->bksd", ds, qg)                  # (B, K, S, Dh)  sums the G heads
     return dq, dk, dv
 
 

@@ -21,7 +21,9 @@ FIGURE = re.compile(r'FIG / "(\d\d_\w+\.png)"')
 
 
 def run_tutorial(path, figures):
+    # One BLAS thread: tiny matmuls on a shared 2-core machine ran ~20x slower with two.
     env = {**os.environ, "MINENCDEC_QUICK": "1", "MINENCDEC_FIGURES": str(figures), "MPLBACKEND": "Agg",
+           "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT)

@@ -1,22 +1,6 @@
-"""The live oracle for the tests: Hugging Face `transformers` (eager attention), made a true float64 oracle.
-
-Even in a float64 model, transformers (5.x) computes these in float32 ("float32 islands"):
-
-- `Gemma2RMSNorm`, `T5GemmaRMSNorm`: `x.float()`, `weight.float()` -- every norm rounded.
-- `eager_attention_forward` (a copy in each module): `softmax(..., dtype=torch.float32)` --
-  probabilities rounded; worse, the float64 mask minimum (-1.8e308) becomes -inf in float32,
-  so a fully masked query row (left padding, or right padding under a short sliding window)
-  gives NaN, which then spreads to the whole sequence (0 * NaN in the next layer).
-- `Gemma2RotaryEmbedding`, `T5GemmaRotaryEmbedding`: `inv_freq` built in float32 and
-  `position_ids.float()` -- cos/sin rounded.
-- `Gemma2TextScaledWordEmbedding`: `embed_scale` is a buffer; in a model built in float32 and
-  cast with `.to(float64)` it holds sqrt(D) rounded to float32. (Built directly in float64, as
-  here, it is exact; T5Gemma builds its normalizer in the activation dtype: exact.)
-- `ForCausalLMLoss`, `ForMaskedLMLoss`: `logits.float()` -- the loss and its gradient.
-
-`float64_exact()` monkeypatches exactly these (for both the gemma2 and t5gemma modules) so
-that they compute in the input's dtype *when that is float64*; float32/bf16 inputs take the
-original code path. The patches are restored on exit. Nothing else of the model is copied.
+"""The live oracle for the tests: transformers' eager Gemma2 / T5Gemma models built on our
+parameters, run in true float64 under `minencdec.hf_oracle.float64_exact()` (its docstring
+lists the float32 islands it patches).
 
 torch and transformers are imported inside functions, so importing this module (and
 `cases.py`) works without them.

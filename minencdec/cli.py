@@ -66,6 +66,9 @@ def build_parser():
         "A readable NumPy reference of Gemma 2 and Encoder-Decoder Gemma (T5Gemma): "
         "load Hugging Face checkpoints, adapt decoder-only models into encoder-decoders, "
         "and verify other implementations layer by layer."))
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="BLAS threads (default 1: minencdec's matrices are small, and on a shared "
+                        "2-core machine two threads ran training at half the speed of one)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("presets", help="list the paper's model sizes with exact parameter counts")
     s.set_defaults(func=cmd_presets)
@@ -92,8 +95,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from threadpoolctl import threadpool_limits
     try:
-        result = args.func(args)
+        with threadpool_limits(limits=max(args.blas_threads, 1), user_api="blas"):
+            result = args.func(args)
         return result if isinstance(result, int) else 0     # training commands return their model
     except (ValueError, OSError) as e:                    # CheckpointError is a ValueError
         print(f"minencdec {args.command}: error: {e}", file=sys.stderr)

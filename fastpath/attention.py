@@ -1,0 +1,396 @@
+"""Tiled attention with an online softmax (flash-attention), forward and backward, in Numba.
+
+Same math as `minencdec.attention.attention_forward/backward`:
+
+    o = softmax(softcap(q k^T * scale) masked) v         softcap(s) = cap tanh(s / cap)
+
+but the mask is a *description* instead of a (B, T, S) array, and no T x S matrix is ever
+held: queries are cut into tiles of BQ rows and keys into tiles of BK, and each query tile
+walks the key tiles it can see, keeping per row a running max m, a running sum l and an
+unnormalised output (the online softmax):
+
+    s   = softcap(q_tile k_tile^T * scale), masked keys -> -inf      (BQ, BK)
+    m'  = max(m, rowmax(s));  p = exp(s - m');  c = exp(m - m')
+    l   = c l + rowsum(p);    acc = c acc + p v_tile;  m = m'
+    o   = acc / l,            lse = m + log l  (saved for the backward)
+
+The backward recomputes each tile's p = exp(s - lse) from the saved lse instead of keeping
+it, and uses rowsum(dp * p) = rowsum(do * o) = delta (one number per query row):
+
+    dv += p^T do;  dp = do v^T;  ds = p (dp - delta) (1 - tanh^2) scale
+    dk += ds^T q;  dq += ds k
+
+Memory is O(T + S) per head (the tiles and lse), against O(T S) for the reference.
+
+The mask description: query i sits at position q_offset + i, key j at position j.
+    causal, window None     j <= i                    (decoder self-attention)
+    causal, window w        i - w < j <= i            (w keys including itself)
+    not causal, window None every key                 (encoder, cross-attention)
+    not causal, window w    |i - j| <= w (rule "le", transformers 5) or < w (rule "lt")
+    key_mask (B, S)         False/0 keys are hidden (padding), on top of the above
+For every one of these, the keys a query sees form one interval [lo_i, hi_i] (before the
+padding), and lo_i, hi_i never decrease with i: that is what lets a tile be skipped whole.
+A query that sees no key gets output 0 and sends back zero gradients, like the reference.
+For a sliding KV cache whose first kept key sits at absolute position p0, pass positions
+relative to it: q_offset = (absolute position of query 0) - p0.
+
+Work split: the forward's work items are (batch, head, query tile), the backward's are
+(batch, kv head, key tile); each backward item owns its dk, dv tile and adds its share of
+dq into a per-lane buffer (lanes x the size of q), summed at the end. GQA: a kv tile is
+loaded once for its H/K query heads.
+
+Axes: B batch, H query heads, K kv heads, G = H/K, T queries, S keys, Dh head dim,
+Dp = Dh rounded up to 4, BQ / BK tile sizes, nqt / nkt tile counts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from minencdec import attention as reference
+
+from .jit import kernel, lanes, run_lanes
+from .mathfn import exp, tanh
+from .tiles import mm_nn, mm_tn
+
+BLOCK = 64          # default BQ and BK: a 64 x 64 float32 score tile is 16 KiB, half of L1
+_DTYPES = (np.float32, np.float64)
+
+# ---------------------------------------------------------------------------- the mask description
+
+
+def _check_description(causal, window, rule, q_offset):
+    if rule not in ("le", "lt"):
+        raise ValueError(f"rule must be 'le' or 'lt', got {rule!r}")
+    if window is not None and (int(window) != window or window < 0):
+        raise ValueError(f"window must be None or an integer >= 0, got {window!r}")
+    if int(q_offset) != q_offset:
+        raise ValueError(f"q_offset must be an integer, got {q_offset!r}")
+
+
+def dense_mask(T, S, causal=False, window=None, rule="le", key_mask=None, q_offset=0):
+    """The reference's (B, T, S) bool mask for a description ((1, T, S) without key_mask):
+    True where query i (at position q_offset + i) may see key j."""
+    _check_description(causal, window, rule, q_offset)
+    i = np.arange(T)[:, None] + q_offset                      # (T, 1) query positions
+    j = np.arange(S)[None, :]                                 # (1, S) key positions
+    if causal:
+        allowed = j <= i
+        if window is not None:
+            allowed = allowed & (j > i - window)
+    elif window is None:
+        allowed = np.ones((T, S), dtype=bool)
+    else:
+        distance = np.abs(i - j)
+        allowed = distance <= window if rule == "le" else distance < window
+    return reference.with_key_padding(allowed, key_mask)      # (B, T, S) or (1, T, S)
+
+
+def visible_intervals(T, S, causal=False, window=None, rule="le", q_offset=0):
+    """lo, hi (T,) int64: query i sees keys lo[i] <= j <= hi[i] (before padding); lo > hi
+    means none. The same description as dense_mask, as intervals."""
+    pos = np.arange(T, dtype=np.int64) + q_offset
+    lo, hi = np.zeros(T, np.int64), np.full(T, S - 1, np.int64)
+    if causal:
+        hi = np.minimum(hi, pos)
+        if window is not None:
+            lo = np.maximum(lo, pos - window + 1)
+    elif window is not None:
+        w = window if rule == "le" else window - 1
+        lo, hi = np.maximum(lo, pos - w), np.minimum(hi, pos + w)
+    return lo, hi
+
+
+def _tile_bounds(lo, hi, S, n_tiles, tile):
+    """Per query tile, the smallest lo and largest hi over its rows that see anything
+    (S and -1 for a tile whose rows see nothing)."""
+    seen = lo <= hi
+    pad = n_tiles * tile - len(lo)
+    lo_s = np.concatenate([np.where(seen, lo, S), np.full(pad, S, np.int64)])
+    hi_s = np.concatenate([np.where(seen, hi, -1), np.full(pad, -1, np.int64)])
+    return lo_s.reshape(n_tiles, tile).min(axis=1), hi_s.reshape(n_tiles, tile).max(axis=1)
+
+# ---------------------------------------------------------------------------- tiled layouts
+
+
+def _round4(n):
+    return (n + 3) // 4 * 4
+
+
+def tile_rows(x, n_tiles, tile, Dp):
+    """(B, N, L, Dh) -> (B, N, n_tiles, tile, Dp), zero-padded past L and Dh."""
+    B, N, L, Dh = x.shape
+    out = np.zeros((B, N, n_tiles * tile, Dp), x.dtype)
+    out[:, :, :L, :Dh] = x
+    return out.reshape(B, N, n_tiles, tile, Dp)
+
+
+def _transpose_tiles(x):
+    """(B, N, n_tiles, a, b) -> (B, N, n_tiles, b, a), contiguous."""
+    return np.ascontiguousarray(x.swapaxes(-1, -2))
+
+
+def _untile(x, L, Dh):
+    """(B, N, n_tiles, tile, Dp) -> (B, N, L, Dh)."""
+    B, N, n, tile, Dp = x.shape
+    return np.ascontiguousarray(x.reshape(B, N, n * tile, Dp)[:, :, :L, :Dh])
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@kernel
+def _forward_row(srow, j0, lo, hi, kvalid, scale, cap, inv_cap, consts, m, l, acc, r):
+    """One row of a score tile: softcap, mask, online-softmax update of m[r], l[r], acc[r].
+    srow holds q.k on entry and the unnormalised probabilities p on exit."""
+    zero, one, neg_inf = consts
+    n = srow.shape[0]
+    c_lo, c_hi = max(lo - j0, 0), min(hi - j0, n - 1)         # visible columns, before padding
+    if c_lo > c_hi:
+        srow[:] = zero
+        return
+    if cap > 0:
+        for c in range(n):
+            x = cap * tanh(srow[c] * scale * inv_cap)         # softcap comes before the mask
+            srow[c] = x if (c >= c_lo) & (c <= c_hi) & kvalid[j0 + c] else neg_inf
+    else:
+        for c in range(n):
+            x = srow[c] * scale
+            srow[c] = x if (c >= c_lo) & (c <= c_hi) & kvalid[j0 + c] else neg_inf
+    row_max = neg_inf
+    for c in range(n):
+        row_max = max(row_max, srow[c])
+    if row_max == neg_inf:                                    # every key of this tile is padding
+        srow[:] = zero
+        return
+    m_new = max(m[r], row_max)
+    rescale = exp(m[r] - m_new) if m[r] > neg_inf else zero   # the old terms shrink by e^(m - m')
+    total = zero
+    for c in range(n):
+        x = srow[c]
+        p = exp(x - m_new) if x > neg_inf else zero           # masked keys are exactly 0
+        srow[c] = p
+        total += p
+    l[r] = l[r] * rescale + total
+    m[r] = m_new
+    if rescale != one:
+        for d in range(acc.shape[1]):
+            acc[r, d] *= rescale
+
+
+@kernel
+def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, scale, cap, consts, o, lse):
+    """Every n_lanes-th (batch, head, query tile) item from `lane` on (round-robin).
+    consts = (0, 1, -inf) in the arrays' dtype: a bare 0 or 1.0 in a kernel is int64 or
+    float64, and float32 * float64 would turn the whole loop into float64."""
+    B, H, nqt, BQ, Dp = Qt.shape
+    K, BK = KT.shape[1], KT.shape[4]
+    G, Dh = H // K, o.shape[3]
+    n_items = B * H * nqt
+    inv_cap = consts[1] / cap if cap > 0 else cap
+    s = np.empty((BQ, BK), Qt.dtype)                          # scores, then probabilities
+    acc = np.empty((BQ, Dp), Qt.dtype)                        # unnormalised output
+    m = np.empty(BQ, Qt.dtype)                                # running row max
+    l = np.empty(BQ, Qt.dtype)                                # running row sum
+    for item in range(lane, n_items, n_lanes):                # round-robin over the lanes
+        b, h, qt = item // (H * nqt), item // nqt % H, item % nqt
+        kh = h // G                                           # GQA: the kv head of query head h
+        i0 = qt * BQ
+        rows = min(BQ, T - i0)
+        rows4 = (rows + 3) // 4 * 4
+        m[:] = consts[2]
+        l[:] = 0
+        acc[:] = 0
+        for t in range(tlo[qt] // BK, thi[qt] // BK + 1):     # only the key tiles it can see
+            if not kany[b, t]:
+                continue
+            s[:rows4] = 0
+            mm_nn(Qt[b, h, qt], KT[b, kh, t], s, rows4, Dp, BK)  # s = q k^T
+            for r in range(rows):
+                _forward_row(s[r], t * BK, lo[i0 + r], hi[i0 + r], kvalid[b],
+                             scale, cap, inv_cap, consts, m, l, acc, r)
+            mm_nn(s, Vt[b, kh, t], acc, rows4, BK, Dp)        # acc += p v
+        for r in range(rows):
+            if l[r] > 0:
+                inv = consts[1] / l[r]
+                for d in range(Dh):
+                    o[b, h, i0 + r, d] = acc[r, d] * inv
+                lse[b, h, i0 + r] = m[r] + np.log(l[r])
+            else:                                             # a query that sees no key
+                o[b, h, i0 + r, :] = 0
+                lse[b, h, i0 + r] = 0
+
+
+@kernel
+def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, scale, cap, inv_cap, consts, lse_r, delta_r):
+    """One row: p = exp(softcap(s) - lse) on visible keys; ds = p (dp - delta) softcap' scale."""
+    zero, one, _ = consts
+    n = srow.shape[0]
+    c_lo, c_hi = max(lo - j0, 0), min(hi - j0, n - 1)
+    if c_lo > c_hi:
+        prow[:] = zero
+        dsrow[:] = zero
+        return
+    if cap > 0:
+        for c in range(n):
+            th = tanh(srow[c] * scale * inv_cap)
+            p = exp(cap * th - lse_r) if (c >= c_lo) & (c <= c_hi) & kvalid[j0 + c] else zero
+            prow[c] = p
+            dsrow[c] = p * (dprow[c] - delta_r) * (one - th * th) * scale  # inverts softmax, softcap, scaling
+    else:
+        for c in range(n):
+            p = exp(srow[c] * scale - lse_r) if (c >= c_lo) & (c <= c_hi) & kvalid[j0 + c] else zero
+            prow[c] = p
+            dsrow[c] = p * (dprow[c] - delta_r) * scale
+
+
+@kernel
+def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, kany, lo, hi, tlo, thi, lse, delta, T, S,
+                   scale, cap, consts, dq_part, dk_t, dv_t):
+    """Every n_lanes-th (batch, kv head, key tile) item from `lane` on; dq_part[lane] is its own."""
+    dq = dq_part[lane]
+    B, H, nqt, BQ, Dp = Qt.shape
+    K, nkt, BK = KT.shape[1], KT.shape[2], KT.shape[4]
+    G = H // K
+    n_items = B * K * nkt
+    inv_cap = consts[1] / cap if cap > 0 else cap
+    s = np.empty((BQ, BK), Qt.dtype)
+    dp = np.empty((BQ, BK), Qt.dtype)
+    p = np.zeros((BQ, BK), Qt.dtype)
+    ds = np.zeros((BQ, BK), Qt.dtype)
+    for item in range(lane, n_items, n_lanes):
+        b, kh, t = item // (K * nkt), item // nkt % K, item % nkt
+        if not kany[b, t]:
+            continue                                          # dk, dv of padding stay 0
+        j0 = t * BK
+        j_last = min(j0 + BK, S) - 1
+        dk_tile, dv_tile = dk_t[b, kh, t], dv_t[b, kh, t]     # this item's own output tiles
+        for g in range(G):
+            h = kh * G + g
+            for qt in range(nqt):
+                if tlo[qt] > j_last or thi[qt] < j0:
+                    continue                                  # no row of this tile sees these keys
+                i0 = qt * BQ
+                rows = min(BQ, T - i0)
+                rows4 = (rows + 3) // 4 * 4
+                s[:rows4] = 0
+                mm_nn(Qt[b, h, qt], KT[b, kh, t], s, rows4, Dp, BK)  # recompute s = q k^T
+                dp[:rows4] = 0
+                mm_nn(dOt[b, h, qt], VT[b, kh, t], dp, rows4, Dp, BK)  # dp = do v^T
+                p[rows:rows4] = 0
+                ds[rows:rows4] = 0
+                for r in range(rows):
+                    _backward_row(s[r], dp[r], p[r], ds[r], j0, lo[i0 + r], hi[i0 + r], kvalid[b],
+                                  scale, cap, inv_cap, consts, lse[b, h, i0 + r], delta[b, h, i0 + r])
+                mm_tn(p, dOt[b, h, qt], dv_tile, BK, rows4, Dp)  # dv += p^T do
+                mm_tn(ds, Qt[b, h, qt], dk_tile, BK, rows4, Dp)  # dk += ds^T q
+                mm_nn(ds, Kt[b, kh, t], dq[b, h, qt], rows4, BK, Dp)  # dq += ds k
+
+# ---------------------------------------------------------------------------- public wrappers
+
+
+class FlashCache(NamedTuple):
+    """What the backward needs: the tiled inputs, the output and its per-row log-sum-exp."""
+    Qt: np.ndarray                                            # (B, H, nqt, BQ, Dp)
+    KT: np.ndarray                                            # (B, K, nkt, Dp, BK)
+    Vt: np.ndarray                                            # (B, K, nkt, BK, Dp)
+    o: np.ndarray                                             # (B, H, T, Dh)
+    lse: np.ndarray                                           # (B, H, T)
+    kvalid: np.ndarray                                        # (B, nkt * BK) bool: a real key (padding and the tail past S are False)
+    kany: np.ndarray                                          # (B, nkt) bool: the key tile has a real key
+    lo: np.ndarray                                            # (T,) first visible key of each query
+    hi: np.ndarray                                            # (T,) last visible key
+    tlo: np.ndarray                                           # (nqt,) smallest lo of a query tile
+    thi: np.ndarray                                           # (nqt,) largest hi
+    S: int
+    scale: float
+    cap: float                                                # 0 = no softcap
+
+
+def _consts(dt):
+    return dt(0), dt(1), dt(-np.inf)
+
+
+def _covered(*arrays):
+    """True when the kernels handle these arrays: one dtype, float32 or float64."""
+    dt = arrays[0].dtype
+    return dt in _DTYPES and all(a.dtype == dt for a in arrays)
+
+
+def _check_shapes(q, k, v, key_mask):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: q must be (B, H, T, Dh) and k, v (B, K, S, Dh) of one shape; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    (B, H, T, Dh), (Bk, K, S, Dk) = q.shape, k.shape
+    if B != Bk or Dh != Dk or K == 0 or H % K != 0:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head dim, "
+                         "or query heads not a multiple of kv heads)")
+    if T == 0 or S == 0:
+        raise ValueError(f"attention: empty query or key axis (T={T}, S={S})")
+    if key_mask is not None and np.shape(key_mask) not in ((B, S), (1, S)):
+        raise ValueError(f"attention: key_mask must be (B, S) = ({B}, {S}), got {np.shape(key_mask)}")
+
+
+def attention_forward(q, k, v, scale, cap=None, causal=False, window=None, rule="le",
+                      key_mask=None, q_offset=0, block=(BLOCK, BLOCK)):
+    """softmax(softcap(q k^T * scale) masked) v, masked by a description (module notes).
+
+    q (B, H, T, Dh), k and v (B, K, S, Dh) with H a multiple of K; key_mask (B, S) or None.
+    Returns o (B, H, T, Dh) and the cache for `attention_backward`. `block` = (BQ, BK), the
+    tile sizes (rounded up to multiples of 4; the tests use small ones). Arrays that are not
+    all float32 or all float64 go to the reference with a dense mask."""
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    _check_description(causal, window, rule, q_offset)
+    _check_shapes(q, k, v, key_mask)
+    if cap is not None and not cap > 0:
+        raise ValueError(f"cap must be None or > 0, got {cap!r}")
+    B, H, T, Dh = q.shape
+    S = k.shape[2]
+    if not _covered(q, k, v):
+        mask = dense_mask(T, S, causal, window, rule, key_mask, q_offset)
+        o, c = reference.attention_forward(q, k, v, mask, scale, cap)
+        return o, ("reference", c)
+    dt = q.dtype.type
+    BQ, BK = min(_round4(block[0]), _round4(T)), min(_round4(block[1]), _round4(S))
+    Dp, nqt, nkt = _round4(Dh), -(-T // BQ), -(-S // BK)
+    lo, hi = visible_intervals(T, S, causal, window, rule, int(q_offset))
+    tlo, thi = _tile_bounds(lo, hi, S, nqt, BQ)
+    kvalid = np.zeros((B, nkt * BK), dtype=bool)
+    kvalid[:, :S] = True if key_mask is None else (np.asarray(key_mask) != 0)
+    kany = kvalid.reshape(B, nkt, BK).any(axis=2)
+    Qt = tile_rows(q, nqt, BQ, Dp)                            # (B, H, nqt, BQ, Dp)
+    KT = _transpose_tiles(tile_rows(k, nkt, BK, Dp))          # (B, K, nkt, Dp, BK)
+    Vt = tile_rows(v, nkt, BK, Dp)                            # (B, K, nkt, BK, Dp)
+    o = np.empty((B, H, T, Dh), q.dtype)
+    lse = np.empty((B, H, T), q.dtype)
+    cap_ = dt(0 if cap is None else cap)
+    run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, dt(scale),
+              cap_, _consts(dt), o, lse)
+    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, kany, lo, hi, tlo, thi, S, scale, float(cap_))
+
+
+def attention_backward(do, cache):
+    """dq (B, H, T, Dh), dk, dv (B, K, S, Dh) from do (B, H, T, Dh)."""
+    if not isinstance(cache, FlashCache):                     # ("reference", cache): a fallback
+        return reference.attention_backward(do, cache[1])
+    c = cache
+    do = np.asarray(do)
+    if do.shape != c.o.shape:
+        raise ValueError(f"attention_backward: do has shape {do.shape}, the output had {c.o.shape}")
+    if do.dtype != c.o.dtype:
+        do = do.astype(c.o.dtype)
+    dt = c.o.dtype.type
+    B, H, nqt, BQ, Dp = c.Qt.shape
+    K, nkt, BK = c.KT.shape[1], c.KT.shape[2], c.KT.shape[4]
+    T, Dh = c.o.shape[2], c.o.shape[3]
+    delta = np.sum(do * c.o, axis=-1)                         # (B, H, T) = rowsum(dp * p)
+    dOt = tile_rows(do, nqt, BQ, Dp)
+    Kt, VT = _transpose_tiles(c.KT), _transpose_tiles(c.Vt)   # (B, K, nkt, BK, Dp), (.., Dp, BK)
+    n_lanes = lanes(B * K * nkt)
+    dq_part = np.zeros((n_lanes, B, H, nqt, BQ, Dp), c.o.dtype)
+    dk_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
+    dv_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
+    run_lanes(_backward_lane, n_lanes, c.Qt, dOt, c.KT, Kt, VT, c.kvalid, c.kany, c.lo, c.hi, c.tlo, c.thi,
+              c.lse, delta, T, c.S, dt(c.scale), dt(c.cap), _consts(dt), dq_part, dk_t, dv_t)
+    dq = dq_part[0] if n_lanes == 1 else dq_part.sum(axis=0)
+    return _untile(dq, T, Dh), _untile(dk_t, c.S, Dh), _untile(dv_t, c.S, Dh)

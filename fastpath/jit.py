@@ -1,0 +1,110 @@
+"""How every fastpath kernel is compiled: one fastmath flag set, the on-disk cache, threads.
+
+FASTMATH lets LLVM vectorise reductions (reassoc), fuse multiply-adds (contract), and
+drop signed-zero and exact-reciprocal rules. It never contains `nnan` or `ninf`: the
+kernels rely on -inf as the "masked" score and on comparisons with it (STYLE.md 15).
+
+The elementary functions in `mathfn.py` are compiled with FASTMATH minus `reassoc`:
+their range reduction subtracts n*ln2 in two parts (Cody-Waite), and reassociation
+folds the two parts back into one rounded constant (measured: 24 ulp instead of 2 for
+float64 exp). A callee that does not set `fastmath` inherits its caller's flags, so they
+set it explicitly.
+
+`error_model="numpy"`: a division by zero gives inf/nan instead of raising, which keeps
+the branch out of the inner loops so they vectorise.
+
+Compilation: `cache=True` writes the machine code under `fastpath/__pycache__` (or
+$NUMBA_CACHE_DIR); the first call of a kernel in a fresh checkout compiles it (seconds,
+see `compile_all`), later processes load it. NUMBA_DISABLE_JIT=1 runs every kernel as
+plain Python (slow, but steppable in a debugger).
+
+Threads: a kernel that splits its work takes (lane, n_lanes, ...) and does every
+n_lanes-th work item from `lane` on (round-robin, so a causal mask's uneven tiles are
+shared evenly); `run_lanes` runs the lanes on Python threads (the kernels release the
+GIL), lane 0 on the caller's. n_lanes <= numba.get_num_threads() (NUMBA_NUM_THREADS,
+default: the number of cores). No Numba threading layer (prange) is used, deliberately:
+ - with the OpenMP layer, a small parallel call took 8 ms on this shared 2-core machine
+   under load (threads spinning at the barrier against other processes; 0.4 ms with the
+   workqueue layer, 0.35 ms with these threads, most of it the wrapper's NumPy work);
+ - compiling a prange loop cost 3-5 s more per kernel and dtype (48 s -> 29 s cold);
+ - any thread may call a kernel (the workqueue layer aborts on concurrent launches).
+The BLAS thread count is left at OpenBLAS's default (all cores): the model's matmuls need
+both cores. But OpenBLAS's worker threads busy-wait for 2^28 cycles (~0.1 s) after each
+call, and a kernel started in that window shares its cores with them: measured here
+(`python -m fastpath.bench`, section threads), a matmul followed by the fast attention
+took 1.2-1.5x the two apart; with OPENBLAS_THREAD_TIMEOUT=4 in the environment (the
+workers sleep at once; it must be set before NumPy is first imported) 0.98-1.07x, and
+the matmul itself was no slower. (An earlier prange version of these kernels measured
+1.14x with Numba's OpenMP layer and 1.17x with its workqueue layer in this sequence.)
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+MATH_FASTMATH = FASTMATH - {"reassoc"}
+
+
+def kernel(fn=None, *, parallel=False, fastmath=FASTMATH):
+    """numba.njit with the project's options."""
+    def wrap(f):
+        return numba.njit(f, fastmath=set(fastmath), cache=True, parallel=parallel,
+                          error_model="numpy", nogil=True)
+    return wrap if fn is None else wrap(fn)
+
+
+def lanes(n_items):
+    """How many lanes a parallel kernel uses for n_items work items."""
+    return max(1, min(numba.get_num_threads(), n_items))
+
+
+_pool = None
+
+
+def run_lanes(fn, n, *args):
+    """fn(lane, n, *args) for lane = 0 .. n-1, in parallel: lane 0 on the calling thread, the
+    others on a pool of Python threads. fn is a nogil kernel, so the lanes run at once."""
+    global _pool
+    if n == 1:
+        fn(0, 1, *args)
+        return
+    if _pool is None or _pool._max_workers < n - 1:
+        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="fastpath")
+    others = [_pool.submit(fn, lane, n, *args) for lane in range(1, n)]
+    fn(0, n, *args)
+    for f in others:
+        f.result()
+
+
+def jit_enabled():
+    return not numba.config.DISABLE_JIT
+
+
+def compile_all(verbose=True):
+    """Compile (or load from the on-disk cache) every kernel for float32 and float64 by
+    running each on a tiny input, and return the seconds it took. The first run in a fresh
+    checkout pays the compile; later runs only load the cache."""
+    import numpy as np
+
+    from . import attention, decode, lmhead, norm
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        q = rng.standard_normal((1, 2, 3, 4)).astype(dt)
+        kv = rng.standard_normal((1, 1, 5, 4)).astype(dt)
+        o, c = attention.attention_forward(q, kv, kv, 0.5, 5.0, causal=True, q_offset=2)
+        attention.attention_backward(o, c)
+        decode.decode_attention(q[:, :, :1], kv, kv, 0.5, 5.0, causal=True, q_offset=4)
+        x = rng.standard_normal((2, 4)).astype(dt)
+        y, nc = norm.rmsnorm_forward(x, x[0], 1e-6)
+        norm.rmsnorm_backward(y, nc)
+        lmhead.lm_head_cross_entropy(x, rng.standard_normal((6, 4)).astype(dt), np.array([1, -100]), 3.0)
+    seconds = time.perf_counter() - t0
+    if verbose:
+        print(f"fastpath: kernels ready in {seconds:.1f} s "
+              f"({'compiled or loaded from the cache' if jit_enabled() else 'NUMBA_DISABLE_JIT=1: pure Python'})")
+    return seconds

@@ -17,7 +17,7 @@ from . import progress
 from .commands import add_commands as add_training_commands
 from .demo import add_commands as add_demo_commands
 from .generate import add_commands as add_generation_commands
-from .verify import add_commands as add_verification_commands
+from .verify_commands import add_commands as add_verification_commands
 from .config import PRESETS, T5GemmaConfig, num_parameters
 
 

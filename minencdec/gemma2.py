@@ -20,7 +20,7 @@ from .attention import causal_mask, with_key_padding
 from .config import GemmaConfig
 from .layers import linear_backward, linear_forward, softcap_backward, softcap_forward
 from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
-from .stack import GEMMA2, stack_backward, stack_forward, stack_param_shapes
+from .stack import GEMMA2, init_weights, stack_backward, stack_forward, stack_param_shapes
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
 EMBED = "model.embed_tokens.weight"
@@ -32,12 +32,8 @@ def param_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def init_params(config: GemmaConfig, seed=0, dtype="float32", std=0.02) -> dict[str, np.ndarray]:
-    """Random weights as transformers initialises them: normal(0, std) matrices, RMSNorm
-    offsets 0 (so each norm starts as the identity scale 1 + 0)."""
-    rng = np.random.default_rng(seed)
-    dtype = resolve_dtype(dtype)
-    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
-            for name, shape in param_shapes(config).items()}
+    """Random weights as transformers initialises them (see stack.init_weights)."""
+    return init_weights(param_shapes(config), seed, resolve_dtype(dtype), std)
 
 
 def self_attention_masks(config: GemmaConfig, T, attention_mask=None):

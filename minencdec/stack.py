@@ -64,6 +64,14 @@ def stack_param_shapes(c: GemmaConfig, names: Names) -> dict[str, tuple[int, ...
     return shapes
 
 
+def init_weights(shapes, seed=0, dtype="float32", std=0.02) -> dict:
+    """Random weights as transformers initialises them: normal(0, std) matrices and RMSNorm
+    offsets 0 (each norm starts as the identity scale 1 + 0). Works for any model's shapes."""
+    rng = np.random.default_rng(seed)
+    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
+            for name, shape in shapes.items()}
+
+
 def _sandwich_forward(h, w_pre, w_post, eps, sublayer, *args):
     """h + post_norm(sublayer(pre_norm(h), *args)). Returns the new h, the sublayer's
     normed output z (what is added to the residual stream) and the cache."""

@@ -27,7 +27,7 @@ from .attention import bidirectional_mask, causal_mask, with_key_padding
 from .config import GemmaConfig, T5GemmaConfig
 from .gemma2 import lm_head_backward, lm_head_forward
 from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
-from .stack import T5_DECODER, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
+from .stack import T5_DECODER, T5_ENCODER, init_weights, stack_backward, stack_forward, stack_param_shapes
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
 ENC_EMBED = "model.encoder.embed_tokens.weight"
@@ -48,11 +48,8 @@ def cross_attention_names(config: T5GemmaConfig) -> list[str]:
 
 
 def init_params(config: T5GemmaConfig, seed=0, dtype="float32", std=0.02):
-    """normal(0, std) matrices and zero RMSNorm offsets, as transformers initialises them."""
-    rng = np.random.default_rng(seed)
-    dtype = resolve_dtype(dtype)
-    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
-            for name, shape in param_shapes(config).items()}
+    """Random weights as transformers initialises them (see stack.init_weights)."""
+    return init_weights(param_shapes(config), seed, resolve_dtype(dtype), std)
 
 
 def shift_right(labels, bos_id, pad_id):

@@ -23,9 +23,15 @@ from .validate import resolve_dtype
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def read_model_config(path):
-    """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory."""
-    raw = read_config(path)
+def is_classifier(raw: dict) -> bool:
+    """Whether a config.json dict describes a *ForSequenceClassification checkpoint."""
+    return any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
+
+
+def read_model_config(path, raw=None):
+    """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory (`raw`: its
+    config.json already read)."""
+    raw = read_config(path) if raw is None else raw
     kind = checkpoint_kind(raw)
     source = os.path.join(str(path), "config.json")
     try:
@@ -41,22 +47,22 @@ def load_pretrained(path, dtype="float32", expect=None, progress=None):
     `expect` ("gemma2" / "t5gemma") turns a checkpoint of the other kind into a clear error.
     Weights are converted tensor by tensor, so memory holds one copy (plus one tensor)."""
     dtype = resolve_dtype(dtype)
-    kind, cfg = read_model_config(path)
+    raw = read_config(path)
+    kind, cfg = read_model_config(path, raw)
     if expect is not None and kind != expect:
         want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
                 "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
         raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
-    if any(str(a).endswith("ForSequenceClassification") for a in read_config(path).get("architectures") or []):
-        return _load_classifier(path, kind, cfg, dtype, progress)
+    if is_classifier(raw):
+        return _load_classifier(path, raw, kind, cfg, dtype, progress)
     module = gemma2 if kind == "gemma2" else t5gemma
     cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
     params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
     return cls(cfg, params, dtype)
 
 
-def _load_classifier(path, kind, cfg, dtype, progress):
+def _load_classifier(path, raw, kind, cfg, dtype, progress):
     """A Gemma2ForSequenceClassification or (encoder-only) T5GemmaForSequenceClassification."""
-    raw = read_config(path)
     if kind == "t5gemma" and raw.get("is_encoder_decoder", True):
         raise CheckpointError(f"{path}: T5Gemma classification with is_encoder_decoder=true is not "
                               "supported (minencdec classifies from the encoder, the paper's setup)")

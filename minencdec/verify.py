@@ -122,11 +122,12 @@ _HF_POST_NORMS = {"post_attention_layernorm": "self_attn", "post_self_attn_layer
 def _lm_config(path):
     """(kind, config) of a language-model checkpoint directory; classifiers are refused."""
     from .checkpoint import read_config
-    from .pretrained import read_model_config
-    if any(str(a).endswith("ForSequenceClassification") for a in read_config(path).get("architectures") or []):
+    from .pretrained import is_classifier, read_model_config
+    raw = read_config(path)
+    if is_classifier(raw):
         raise ValueError(f"{path} is a classifier; dumps need a Gemma2ForCausalLM or "
                          "T5GemmaForConditionalGeneration checkpoint")
-    return read_model_config(path)
+    return read_model_config(path, raw)
 
 
 def _hf_record_name(module_name):

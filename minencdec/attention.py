@@ -1,7 +1,9 @@
 """Attention: the masks, softmax attention with GQA and softcapping, and the attention block.
 
 A mask is a boolean array, True where query i may see key j, of shape (B, T, S) (or one
-that broadcasts to it). Masked scores become -inf and the softmax is safe on a row with
+that broadcasts to it). The models pass a `Mask` description instead (causal or not, the
+window, the padding), which `Mask.dense` turns into that array; the fast path reads the
+description itself. Masked scores become -inf and the softmax is safe on a row with
 no visible key: that query's output and gradients are exactly zero.
 
 Axes: B batch, T query length, S key length, D model width, H query heads, K kv heads,
@@ -15,6 +17,8 @@ shared 2-core machine: 0.9 s for a (16, 4) batch of 128x32 @ 32x128, 7 ms as an 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .layers import linear_backward, linear_forward, rope_backward, rope_forward, \
@@ -23,24 +27,35 @@ from .layers import linear_backward, linear_forward, rope_backward, rope_forward
 # ---------------------------------------------------------------------------- masks
 
 
+def mask_pattern(T, S, causal=False, window=None, rule="le", q_offset=0):
+    """(T, S) bool: True where query i (at position q_offset + i) may see key j (at j).
+      causal, no window       j <= i
+      causal, window w        i - w < j <= i        (w keys including itself)
+      bidirectional, no window  every key
+      bidirectional, window w   |i - j| <= w (rule "le", transformers >= 5)
+                                or |i - j| < w (rule "lt", transformers 4.53-4.57 and the JAX code)"""
+    if rule not in ("le", "lt"):
+        raise ValueError(f"rule must be 'le' or 'lt', got {rule!r}")
+    i = np.arange(T)[:, None] + q_offset                         # (T, 1) query positions
+    j = np.arange(S)[None, :]                                    # (1, S) key positions
+    if causal:
+        allowed = j <= i
+        return allowed if window is None else allowed & (j > i - window)
+    if window is None:
+        return np.ones((T, S), dtype=bool)
+    distance = np.abs(i - j)
+    return distance <= window if rule == "le" else distance < window
+
+
 def causal_mask(T, window=None, offset=0):
     """(T, offset + T): query i (at position offset + i) sees key j iff j <= i and, with a
     window w, i - w < j (w keys including itself)."""
-    i = np.arange(T)[:, None] + offset
-    j = np.arange(offset + T)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed &= j > i - window
-    return allowed
+    return mask_pattern(T, offset + T, causal=True, window=window, q_offset=offset)
 
 
 def bidirectional_mask(T, window=None, rule="le"):
-    """(T, T): every key visible; with a window, |i - j| <= w (rule "le", transformers >= 5)
-    or |i - j| < w (rule "lt", transformers 4.53-4.57 and the JAX code)."""
-    distance = np.abs(np.arange(T)[:, None] - np.arange(T)[None, :])
-    if window is None:
-        return np.ones((T, T), dtype=bool)
-    return distance <= window if rule == "le" else distance < window
+    """(T, T): every key visible; with a window, |i - j| <= w (rule "le") or < w ("lt")."""
+    return mask_pattern(T, T, causal=False, window=window, rule=rule)
 
 
 def with_key_padding(mask, key_mask):
@@ -48,6 +63,23 @@ def with_key_padding(mask, key_mask):
     if key_mask is None:
         return mask[None]
     return mask[None] & (np.asarray(key_mask) != 0)[:, None, :]
+
+
+class Mask(NamedTuple):
+    """A mask as a description rather than an array: what the model passes to attention.
+    The reference turns it into the (B, T, S) array with `dense`; the fast path
+    (fastpath/attention.py) reads the description and never builds the array."""
+
+    causal: bool
+    window: int | None = None              # sliding window, None = every key in range
+    rule: str = "le"                       # the bidirectional window rule (mask_pattern)
+    key_mask: np.ndarray | None = None     # (B, S), 1 = a real key, 0 = padding
+    q_offset: int = 0                      # position of query 0 (a KV cache's later steps)
+
+    def dense(self, T, S):
+        """(B, T, S) bool, or (1, T, S) without a key mask."""
+        pattern = mask_pattern(T, S, self.causal, self.window, self.rule, self.q_offset)
+        return with_key_padding(pattern, self.key_mask)
 
 
 # ---------------------------------------------------------------------------- softmax attention
@@ -87,6 +119,13 @@ def attention_backward(do, cache):
     return dq, dk, dv
 
 
+def attention_forward_masked(q, k, v, mask, scale, cap):
+    """attention_forward for a mask given as a `Mask` description or as an array."""
+    if isinstance(mask, Mask):
+        mask = mask.dense(q.shape[2], k.shape[2])                # (B, T, S)
+    return attention_forward(q, k, v, mask, scale, cap)
+
+
 # ---------------------------------------------------------------------------- the attention block
 
 
@@ -100,12 +139,15 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, n * Dh)         # (B, n, T, Dh) -> (B, T, n*Dh)
 
 
-def attention_block_forward(x, source, w, mask, n_heads, n_kv, scale, cap, rope=None):
+def attention_block_forward(x, source, w, mask, n_heads, n_kv, scale, cap, rope=None, kernels=None):
     """o_proj(attention(q_proj(x), k_proj(source), v_proj(source))).
 
     Self-attention passes source = x and rope = (cos, sin); cross-attention passes the
     encoder output as source and rope = None (no RoPE). w holds "q_proj", "k_proj",
-    "v_proj", "o_proj" weights. x (B, T, D), source (B, S, Ds) -> y (B, T, D)."""
+    "v_proj", "o_proj" weights. mask: a `Mask` or a (B, T, S) array. kernels: a
+    `backend.Kernels` (None: the reference). x (B, T, D), source (B, S, Ds) -> y (B, T, D)."""
+    attend = attention_forward_masked if kernels is None else kernels.attention_forward
+    attend_backward = attention_backward if kernels is None else kernels.attention_backward
     q_lin, q_c = linear_forward(x, w["q_proj"])                  # (B, T, H*Dh)
     k_lin, k_c = linear_forward(source, w["k_proj"])             # (B, S, K*Dh)
     v_lin, v_c = linear_forward(source, w["v_proj"])             # (B, S, K*Dh)
@@ -114,19 +156,17 @@ def attention_block_forward(x, source, w, mask, n_heads, n_kv, scale, cap, rope=
     if rope is not None:
         q, rope_q = rope_forward(q, *rope)                       # (B, H, T, Dh)
         k, rope_k = rope_forward(k, *rope)                       # (B, K, S, Dh)
-    o, attn_c = attention_forward(q, k, v, mask, scale, cap)     # (B, H, T, Dh)
+    o, attn_c = attend(q, k, v, mask, scale, cap)                # (B, H, T, Dh)
     y, o_c = linear_forward(_merge_heads(o), w["o_proj"])        # (B, T, D)
-    return y, (q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c)
+    return y, (q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c, n_heads, attend_backward)
 
 
 def attention_block_backward(dy, cache):
     """Returns dx, dsource, {name: dW}. For self-attention the caller adds dsource to dx."""
-    q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c = cache
+    q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c, n_heads, attend_backward = cache
     do_merged, dw_o = linear_backward(dy, o_c)                   # inverts y = o_proj(o)
-    qg = attn_c[0]                                               # (B, K, G, T, Dh)
-    n_heads = qg.shape[1] * qg.shape[2]
     do = _split_heads(do_merged, n_heads)                        # (B, H, T, Dh)
-    dq, dk, dv = attention_backward(do, attn_c)                  # inverts the softmax attention
+    dq, dk, dv = attend_backward(do, attn_c)                     # inverts the softmax attention
     if rope_q is not None:
         dq, dk = rope_backward(dq, rope_q), rope_backward(dk, rope_k)   # inverts the rotations
     dx, dw_q = linear_backward(_merge_heads(dq), q_c)            # inverts q = q_proj(x)

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import gemma2, t5gemma
 from .config import T5GemmaConfig
+from .backend import check_backend
 from .layers import linear_backward, linear_forward
 from .losses import cross_entropy_backward, cross_entropy_forward
 from .stack import GEMMA2, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
@@ -45,13 +46,14 @@ def head_backward(dlogits, cache):
 
 class Classifier:
     """A stack plus a head. kind "t5gemma": a T5Gemma encoder; "gemma2": a Gemma 2 stack.
-    params: the stack's tensors (HF names) plus the head's."""
+    params: the stack's tensors (HF names) plus the head's. backend: see backend.py."""
 
-    def __init__(self, kind, stack_config, params, num_labels, dtype="float32"):
+    def __init__(self, kind, stack_config, params, num_labels, dtype="float32", backend="numpy"):
         if kind not in ("t5gemma", "gemma2"):
             raise ValueError(f"kind must be 't5gemma' or 'gemma2', got {kind!r}")
         self.kind, self.config, self.num_labels = kind, stack_config, num_labels
         self.dtype = resolve_dtype(dtype)
+        self.backend = check_backend(backend)
         self.names = T5_ENCODER if kind == "t5gemma" else GEMMA2
         self.head = ("score.out_proj.weight", "score.out_proj.bias") if kind == "t5gemma" else ("score.weight", None)
         shapes = {**stack_param_shapes(stack_config, self.names), self.head[0]: (num_labels, stack_config.hidden_size)}
@@ -72,7 +74,7 @@ class Classifier:
         params[key] = rng.normal(0, std, (num_labels, cfg.hidden_size)).astype(model.dtype)
         if is_t5:
             params["score.out_proj.bias"] = np.zeros(num_labels, dtype=model.dtype)
-        return cls("t5gemma" if is_t5 else "gemma2", cfg, params, num_labels, model.dtype)
+        return cls("t5gemma" if is_t5 else "gemma2", cfg, params, num_labels, model.dtype, model.backend)
 
     tied_names = ()
 
@@ -100,10 +102,10 @@ class Classifier:
         mask = check_mask(attention_mask, ids.shape, "attention_mask")
         if self.kind == "t5gemma":
             mask = (ids != c.pad_token_id) if mask is None else mask
-            masks = t5gemma.encoder_masks(c, ids.shape[1], mask)
+            masks = t5gemma.encoder_masks(c, mask)
         else:
-            masks = gemma2.self_attention_masks(c, ids.shape[1], mask)
-        h, stack_c = stack_forward(self.params, c, self.names, ids, masks)      # (B, T, D)
+            masks = gemma2.self_attention_masks(c, mask)
+        h, stack_c = stack_forward(self.params, c, self.names, ids, masks, backend=self.backend)   # (B, T, D)
         bias = self.params[self.head[1]] if self.head[1] else None
         logits, head_c = head_forward(h, last_non_pad(ids, c.pad_token_id), self.params[self.head[0]], bias)
         return logits, (stack_c, head_c)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import causal_mask, with_key_padding
+from .attention import Mask
+from .backend import check_backend
+from .backend import kernels as backend_kernels
 from .config import GemmaConfig
 from .layers import linear_backward, linear_forward, softcap_backward, softcap_forward
-from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .losses import IGNORE_INDEX
 from .stack import GEMMA2, init_weights, stack_backward, stack_forward, stack_param_shapes
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
@@ -36,11 +38,11 @@ def init_params(config: GemmaConfig, seed=0, dtype="float32", std=0.02) -> dict[
     return init_weights(param_shapes(config), seed, resolve_dtype(dtype), std)
 
 
-def self_attention_masks(config: GemmaConfig, T, attention_mask=None):
-    """One (B, T, T) causal mask per layer: sliding layers see w keys, full layers all."""
-    masks = {w: with_key_padding(causal_mask(T, w), attention_mask)
-             for w in {config.window(i) for i in range(config.num_hidden_layers)}}
-    return [masks[config.window(i)] for i in range(config.num_hidden_layers)]
+def self_attention_masks(config: GemmaConfig, attention_mask=None):
+    """One causal mask per layer (an attention.Mask; `.dense(T, T)` gives the (B, T, T) array):
+    sliding layers see w keys, full layers all; padded keys (attention_mask 0) hidden."""
+    return [Mask(causal=True, window=config.window(i), key_mask=attention_mask)
+            for i in range(config.num_hidden_layers)]
 
 
 def lm_head_forward(h, table, cap):
@@ -56,10 +58,11 @@ def lm_head_backward(dlogits, cache):
     return linear_backward(dz, head_c)                           # inverts z = h E^T: (dh, dE)
 
 
-def forward(params, config: GemmaConfig, input_ids, attention_mask=None, record=None):
+def forward(params, config: GemmaConfig, input_ids, attention_mask=None, record=None, backend="numpy"):
     """logits (B, T, V) and the cache for `backward`. `record`: see `stack_forward`."""
-    masks = self_attention_masks(config, input_ids.shape[1], attention_mask)
-    h, stack_c = stack_forward(params, config, GEMMA2, input_ids, masks, record=record)   # (B, T, D)
+    masks = self_attention_masks(config, attention_mask)
+    h, stack_c = stack_forward(params, config, GEMMA2, input_ids, masks, record=record,
+                               backend=backend)                                         # (B, T, D)
     logits, head_c = lm_head_forward(h, params[EMBED], config.final_logit_softcapping)    # (B, T, V)
     if record is not None:
         record["logits"] = logits
@@ -75,6 +78,26 @@ def backward(dlogits, cache):
     return grads
 
 
+def loss_forward(params, config: GemmaConfig, input_ids, targets, attention_mask=None, backend="numpy"):
+    """The mean cross-entropy of `targets` (B, T) (already shifted; -100 ignored) and the
+    cache for `loss_backward`. No logits come back: the fast path's fused LM head + loss
+    never holds all of them (fastpath/lmhead.py); the reference computes them inside."""
+    masks = self_attention_masks(config, attention_mask)
+    h, stack_c = stack_forward(params, config, GEMMA2, input_ids, masks, backend=backend)   # (B, T, D)
+    kern = backend_kernels(backend)
+    loss, head_c = kern.lm_head_loss_forward(h, params[EMBED], targets, config.final_logit_softcapping)
+    return loss, (stack_c, head_c, kern)
+
+
+def loss_backward(cache):
+    """Every parameter's gradient of the loss of `loss_forward`."""
+    stack_c, head_c, kern = cache
+    dh, dtable_head = kern.lm_head_loss_backward(head_c)         # inverts the loss and the LM head
+    grads, _ = stack_backward(dh, stack_c)                       # inverts the stack
+    grads[EMBED] = grads[EMBED] + dtable_head                    # the tied table: input and output use
+    return grads
+
+
 def shift_labels(labels):
     """Position t predicts token t + 1: targets = labels shifted left, -100 at the end."""
     targets = np.full_like(labels, IGNORE_INDEX)
@@ -83,17 +106,19 @@ def shift_labels(labels):
 
 
 class Gemma2Model:
-    """A Gemma 2 decoder-only LM. `params` is keyed by the Hugging Face tensor names."""
+    """A Gemma 2 decoder-only LM. `params` is keyed by the Hugging Face tensor names.
+    backend: "numpy" (the reference) or "numba" (the fast path); see backend.py."""
 
-    def __init__(self, config: GemmaConfig, params: dict, dtype="float32"):
+    def __init__(self, config: GemmaConfig, params: dict, dtype="float32", backend="numpy"):
         self.config = config
         self.dtype = resolve_dtype(dtype)
+        self.backend = check_backend(backend)
         self.params = check_params({k: v for k, v in params.items() if k != TIED_HEAD},
                                    param_shapes(config), self.dtype)
 
     @classmethod
-    def random(cls, config: GemmaConfig, seed=0, dtype="float32"):
-        return cls(config, init_params(config, seed, dtype), dtype)
+    def random(cls, config: GemmaConfig, seed=0, dtype="float32", backend="numpy"):
+        return cls(config, init_params(config, seed, dtype), dtype, backend)
 
     def _inputs(self, input_ids, attention_mask):
         ids = check_ids(input_ids, self.config.vocab_size, "input_ids")
@@ -102,16 +127,15 @@ class Gemma2Model:
     def logits(self, input_ids, attention_mask=None, record=None):
         """(B, T, V) logits, final softcap applied. Rows at padded positions are not meaningful."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        return forward(self.params, self.config, ids, mask, record)[0]
+        return forward(self.params, self.config, ids, mask, record, self.backend)[0]
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None):
         """Mean next-token cross-entropy over labelled tokens (labels as transformers takes
         them: shifted inside, -100 ignored) and its gradient for every parameter."""
         ids, mask = self._inputs(input_ids, attention_mask)
         labels = check_labels(labels, ids.shape, self.config.vocab_size)
-        logits, cache = forward(self.params, self.config, ids, mask)
-        loss, ce_c = cross_entropy_forward(logits, shift_labels(labels))
-        return loss, backward(cross_entropy_backward(ce_c), cache)
+        loss, cache = loss_forward(self.params, self.config, ids, shift_labels(labels), mask, self.backend)
+        return loss, loss_backward(cache)
 
     def generate(self, input_ids, max_new_tokens=32, attention_mask=None, do_sample=False, temperature=1.0,
                  top_k=None, top_p=None, seed=None, min_new_tokens=0, eos_token_id=None, stream=None):

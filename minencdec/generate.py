@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import t5gemma
-from .attention import _merge_heads, _split_heads, attention_forward, causal_mask, with_key_padding
+from .attention import Mask, _merge_heads, _split_heads
+from .backend import kernels as backend_kernels
 from .gemma2 import EMBED, Gemma2Model, lm_head_forward
-from .layers import embedding_forward, linear_forward, mlp_forward, rmsnorm_forward, rope_cos_sin, rope_forward
+from .layers import embedding_forward, linear_forward, rope_cos_sin, rope_forward
 from .stack import GEMMA2, T5_DECODER, _sandwich_forward
 from .validate import check_ids, check_mask
 
@@ -62,14 +63,14 @@ def _sliding_window(c, i):
     return c.window(i)
 
 
-def _cross_key_mask(cross_mask, T):
-    """(B, T, S): each new query sees every real encoder token, whatever the window."""
-    return with_key_padding(np.ones((T, cross_mask.shape[1]), dtype=bool), cross_mask)
+def _cross_key_mask(cross_mask):
+    """Each new query sees every real encoder token, whatever the window. A hook the tests replace."""
+    return t5gemma.cross_mask(cross_mask)
 
 
-def _cached_self_attention(x, w, cache, i, c, rope, q_slots):
+def _cached_self_attention(x, w, cache, i, c, rope, q_slots, kern):
     """Self-attention of the new tokens over the kept keys plus their own; updates layer i.
-    x (B, T, D) -> (B, T, D)."""
+    x (B, T, D) -> (B, T, D). kern: the backend's Kernels (backend.py)."""
     H, K = c.num_attention_heads, c.num_key_value_heads
     q = _split_heads(linear_forward(x, w["q_proj"])[0], H)         # (B, H, T, Dh)
     k = _split_heads(linear_forward(x, w["k_proj"])[0], K)         # (B, K, T, Dh)
@@ -79,28 +80,30 @@ def _cached_self_attention(x, w, cache, i, c, rope, q_slots):
     values = np.concatenate([cache.values[i], v], axis=2)
     slots = np.concatenate([cache.slots[i], q_slots])              # (L + T,)
     window = _sliding_window(c, i)
-    pattern = causal_mask(len(q_slots), window, offset=q_slots[0])[:, slots]      # (T, L + T) by slot
-    mask = pattern[None] & cache.valid[:, slots][:, None, :]       # (B, T, L + T) padding keys hidden
-    o = attention_forward(q, keys, values, mask, c.query_pre_attn_scalar ** -0.5,
-                          c.attn_logit_softcapping)[0]             # (B, H, T, Dh)
+    # The kept slots are consecutive, so key j sits at slot slots[0] + j and query t at
+    # q_slots[t]: a causal (sliding) mask with the queries q_slots[0] - slots[0] further on.
+    mask = Mask(causal=True, window=window, key_mask=cache.valid[:, slots],
+                q_offset=int(q_slots[0] - slots[0]))              # padding keys hidden
+    o = kern.decode_attention(q, keys, values, mask, c.query_pre_attn_scalar ** -0.5,
+                              c.attn_logit_softcapping)            # (B, H, T, Dh)
     keep = len(slots) if window is None else min(window - 1, len(slots))   # what the next query may see
     start = len(slots) - keep
     cache.keys[i], cache.values[i], cache.slots[i] = keys[:, :, start:], values[:, :, start:], slots[start:]
     return linear_forward(_merge_heads(o), w["o_proj"])[0], None   # (B, T, D)
 
 
-def _cross_attention(x, w, kv, cross_mask, c):
+def _cross_attention(x, w, kv, cross_mask, c, kern):
     """Queries from the new tokens; keys and values precomputed from the encoder output."""
     q = _split_heads(linear_forward(x, w["q_proj"])[0], c.num_attention_heads)   # (B, H, T, Dh)
-    o = attention_forward(q, *kv, _cross_key_mask(cross_mask, x.shape[1]),
-                          c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping)[0]
+    o = kern.decode_attention(q, *kv, _cross_key_mask(cross_mask),
+                              c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping)
     return linear_forward(_merge_heads(o), w["o_proj"])[0], None   # (B, T, D)
 
 
-def stack_step(params, c, names, ids, positions, valid, cache):
+def stack_step(params, c, names, ids, positions, valid, cache, backend="numpy"):
     """Feed T new tokens (B, T) at RoPE `positions` (B, T) through a stack with its cache;
     `valid` (B, T) marks real tokens. Returns the final-normed hidden states (B, T, D)."""
-    P, eps = names.prefix, c.rms_norm_eps
+    P, eps, kern = names.prefix, c.rms_norm_eps, backend_kernels(backend)
     table = params[f"{P}embed_tokens.weight"]
     q_slots = cache.valid.shape[1] + np.arange(ids.shape[1])       # (T,) absolute slots of the new tokens
     cache.valid = np.concatenate([cache.valid, valid.astype(bool)], axis=1)
@@ -111,15 +114,15 @@ def stack_step(params, c, names, ids, positions, valid, cache):
         p = f"{P}layers.{i}."
         norm = lambda n: params[f"{p}{n}.weight"]                  # noqa: E731
         attn = {n: params[f"{p}self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        h = _sandwich_forward(h, *map(norm, names.self_attn), eps, _cached_self_attention,
-                              attn, cache, i, c, rope, q_slots)[0]
+        h = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps, _cached_self_attention,
+                              attn, cache, i, c, rope, q_slots, kern)[0]
         if names.cross_attn:
             xattn = {n: params[f"{p}cross_attn.{n}.weight"] for n in ("q_proj", "o_proj")}
-            h = _sandwich_forward(h, *map(norm, names.cross_attn), eps, _cross_attention,
-                                  xattn, cache.cross[i], cache.cross_mask, c)[0]
+            h = _sandwich_forward(kern, h, *map(norm, names.cross_attn), eps, _cross_attention,
+                                  xattn, cache.cross[i], cache.cross_mask, c, kern)[0]
         mlp = [params[f"{p}mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")]
-        h = _sandwich_forward(h, *map(norm, names.mlp), eps, mlp_forward, *mlp)[0]
-    return rmsnorm_forward(h, params[f"{P}norm.weight"], eps)[0]   # (B, T, D)
+        h = _sandwich_forward(kern, h, *map(norm, names.mlp), eps, kern.mlp_forward, *mlp)[0]
+    return kern.rmsnorm_forward(h, params[f"{P}norm.weight"], eps)[0]   # (B, T, D)
 
 
 # ---------------------------------------------------------------------------- start and step
@@ -148,7 +151,7 @@ def start(model, input_ids, attention_mask=None):
     if isinstance(model, t5gemma.T5GemmaModel):
         enc_c, c = model.config.encoder, model.config.decoder
         ids, mask = _prompt(input_ids, attention_mask, enc_c, "input_ids")
-        enc_out = t5gemma.encode(model.params, model.config, ids, mask)[0]     # (B, S, De), once
+        enc_out = t5gemma.encode(model.params, model.config, ids, mask, backend=model.backend)[0]   # (B, S, De), once
         cache = empty_cache(c, ids.shape[0], model.dtype)
         cache.cross_mask = mask
         cache.cross = [tuple(_split_heads(linear_forward(enc_out, model.params[
@@ -156,7 +159,7 @@ def start(model, input_ids, attention_mask=None):
             for n in ("k_proj", "v_proj")) for i in range(c.num_hidden_layers)]   # (B, K, S, Dh) each, once
         bos = np.full((ids.shape[0], 1), c.bos_token_id, dtype=np.int64)          # decoder_start_token_id
         state = DecodeState(model, cache, np.ones(len(ids), np.int64), bos)
-        h = stack_step(model.params, c, T5_DECODER, bos, np.zeros_like(bos), np.ones_like(bos), cache)
+        h = stack_step(model.params, c, T5_DECODER, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend)
         return state, _last_logits(model, h, model.params[t5gemma.DEC_EMBED], c)
     c = _decoder_config(model)
     ids, mask = _prompt(input_ids, attention_mask, c, "input_ids")
@@ -165,7 +168,7 @@ def start(model, input_ids, attention_mask=None):
                          "as for transformers' generate; found padding after a real token")
     positions = prompt_positions(mask)                             # (B, T)
     cache = empty_cache(c, ids.shape[0], model.dtype)
-    h = stack_step(model.params, c, GEMMA2, ids, positions, mask, cache)     # (B, T, D)
+    h = stack_step(model.params, c, GEMMA2, ids, positions, mask, cache, model.backend)     # (B, T, D)
     state = DecodeState(model, cache, positions[:, -1] + 1, ids)
     return state, _last_logits(model, h, model.params[EMBED], c)
 
@@ -177,7 +180,7 @@ def step(state, tokens):
     names, table = (T5_DECODER, t5gemma.DEC_EMBED) if enc_dec else (GEMMA2, EMBED)
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)       # (B, 1)
     h = stack_step(state.model.params, c, names, ids, state.next_position[:, None],
-                   np.ones_like(ids), state.cache)
+                   np.ones_like(ids), state.cache, state.model.backend)
     state.next_position = state.next_position + 1
     return _last_logits(state.model, h, state.model.params[table], c)
 

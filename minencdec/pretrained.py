@@ -13,6 +13,7 @@ import os
 
 from . import gemma2, t5gemma
 from .adapt import adapt_params
+from .backend import check_backend
 from .classify import Classifier
 from .checkpoint import CheckpointError, checkpoint_kind, load_tensors, read_config, save_tensors
 from .config import GemmaConfig, T5GemmaConfig
@@ -41,12 +42,13 @@ def read_model_config(path, raw=None):
     return kind, cfg
 
 
-def load_pretrained(path, dtype="float32", expect=None, progress=None):
+def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="numpy"):
     """Load a Gemma2ForCausalLM or T5GemmaForConditionalGeneration directory.
 
     `expect` ("gemma2" / "t5gemma") turns a checkpoint of the other kind into a clear error.
-    Weights are converted tensor by tensor, so memory holds one copy (plus one tensor)."""
-    dtype = resolve_dtype(dtype)
+    Weights are converted tensor by tensor, so memory holds one copy (plus one tensor).
+    backend: "numpy" (the reference) or "numba" (the fast path), see backend.py."""
+    dtype, backend = resolve_dtype(dtype), check_backend(backend)
     raw = read_config(path)
     kind, cfg = read_model_config(path, raw)
     if expect is not None and kind != expect:
@@ -54,14 +56,14 @@ def load_pretrained(path, dtype="float32", expect=None, progress=None):
                 "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
         raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
     if is_classifier(raw):
-        return _load_classifier(path, raw, kind, cfg, dtype, progress)
+        return _load_classifier(path, raw, kind, cfg, dtype, progress, backend)
     module = gemma2 if kind == "gemma2" else t5gemma
     cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
     params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
-    return cls(cfg, params, dtype)
+    return cls(cfg, params, dtype, backend)
 
 
-def _load_classifier(path, raw, kind, cfg, dtype, progress):
+def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
     """A Gemma2ForSequenceClassification or (encoder-only) T5GemmaForSequenceClassification."""
     if kind == "t5gemma" and raw.get("is_encoder_decoder", True):
         raise CheckpointError(f"{path}: T5Gemma classification with is_encoder_decoder=true is not "
@@ -75,7 +77,7 @@ def _load_classifier(path, raw, kind, cfg, dtype, progress):
     if kind == "t5gemma":
         shapes[head + "bias"] = (num_labels,)
     params = load_tensors(path, shapes, dtype, progress=progress)
-    return Classifier(kind, stack, params, num_labels, dtype)
+    return Classifier(kind, stack, params, num_labels, dtype, backend)
 
 
 def _tokenizer_files(path):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention import attention_block_backward, attention_block_forward
+from .backend import kernels as backend_kernels
 from .config import GemmaConfig
-from .layers import embedding_backward, embedding_forward, mlp_backward, mlp_forward, \
-    rmsnorm_backward, rmsnorm_forward, rope_cos_sin
+from .layers import embedding_backward, embedding_forward, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -72,28 +72,28 @@ def init_weights(shapes, seed=0, dtype="float32", std=0.02) -> dict:
             for name, shape in shapes.items()}
 
 
-def _sandwich_forward(h, w_pre, w_post, eps, sublayer, *args):
+def _sandwich_forward(kern, h, w_pre, w_post, eps, sublayer, *args):
     """h + post_norm(sublayer(pre_norm(h), *args)). Returns the new h, the sublayer's
     normed output z (what is added to the residual stream) and the cache."""
-    x, pre_c = rmsnorm_forward(h, w_pre, eps)                    # (B, T, D)
+    x, pre_c = kern.rmsnorm_forward(h, w_pre, eps)               # (B, T, D)
     y, sub_c = sublayer(x, *args)                                # (B, T, D)
-    z, post_c = rmsnorm_forward(y, w_post, eps)                  # (B, T, D)
+    z, post_c = kern.rmsnorm_forward(y, w_post, eps)             # (B, T, D)
     return h + z, z, (pre_c, sub_c, post_c)
 
 
-def _sandwich_backward(dh, cache, sublayer_backward):
+def _sandwich_backward(kern, dh, cache, sublayer_backward):
     """Returns dh_in, d(pre norm w), the sublayer's other gradients, d(post norm w)."""
     pre_c, sub_c, post_c = cache
-    dy, dw_post = rmsnorm_backward(dh, post_c)                   # inverts z = post_norm(y)
+    dy, dw_post = kern.rmsnorm_backward(dh, post_c)              # inverts z = post_norm(y)
     dx, *sub_grads = sublayer_backward(dy, sub_c)                # inverts y = sublayer(x)
-    dh_sub, dw_pre = rmsnorm_backward(dx, pre_c)                 # inverts x = pre_norm(h)
+    dh_sub, dw_pre = kern.rmsnorm_backward(dx, pre_c)            # inverts x = pre_norm(h)
     return dh + dh_sub, dw_pre, sub_grads, dw_post               # the residual fans dh out to both paths
 
 
-def _self_attention_forward(x, w, mask, c: GemmaConfig, rope):
+def _self_attention_forward(x, w, mask, c: GemmaConfig, rope, kern):
     """Queries, keys and values all read x; RoPE on queries and keys."""
     return attention_block_forward(x, x, w, mask, c.num_attention_heads, c.num_key_value_heads,
-                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope)
+                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern)
 
 
 def _self_attention_backward(dy, cache):
@@ -101,17 +101,20 @@ def _self_attention_backward(dy, cache):
     return dx + dsource, dws                                     # x fed queries and keys/values: add
 
 
-def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig):
+def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig, kern):
     """Keys and values from the encoder output; no RoPE, never windowed, still softcapped."""
     return attention_block_forward(x, enc_out, w, mask, c.num_attention_heads, c.num_key_value_heads,
-                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None)
+                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None, kern)
 
 
-def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None):
-    """Run a stack. ids (B, T); masks: one (B, T, T) bool self-attention mask per layer;
-    cross: (encoder_out (B, S, Ds), cross_mask (B, T, S)) for a T5Gemma decoder.
+def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None, backend="numpy"):
+    """Run a stack. ids (B, T); masks: one self-attention mask per layer (an
+    `attention.Mask` description, or a (B, T, T) bool array on the numpy backend);
+    cross: (encoder_out (B, S, Ds), cross_mask) for a T5Gemma decoder.
     Returns the final-normed hidden states (B, T, D) and the cache for `stack_backward`.
-    `record`, if a dict, receives every sublayer's output (the verification dumps)."""
+    `record`, if a dict, receives every sublayer's output (the verification dumps).
+    backend: "numpy" (the reference) or "numba" (the fast path, see backend.py)."""
+    kern = backend_kernels(backend)
     rec = record if record is not None else {}
     P, r = names.prefix, names.record_prefix
     dtype = params[f"{P}embed_tokens.weight"].dtype
@@ -124,47 +127,47 @@ def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, 
         p, eps = f"{P}layers.{i}.", c.rms_norm_eps
         norm = lambda n: params[f"{p}{n}.weight"]                # noqa: E731  (a layer's norm weight)
         attn = {n: params[f"{p}self_attn.{n}.weight"] for n in _ATTN}
-        h, z, self_c = _sandwich_forward(h, *map(norm, names.self_attn), eps,
-                                         _self_attention_forward, attn, masks[i], c, rope)
+        h, z, self_c = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps,
+                                         _self_attention_forward, attn, masks[i], c, rope, kern)
         rec[f"{r}layers.{i}.self_attn"] = z
         cross_c = None
         if names.cross_attn:
             enc_out, cross_mask = cross
             xattn = {n: params[f"{p}cross_attn.{n}.weight"] for n in _ATTN}
-            h, z, cross_c = _sandwich_forward(h, *map(norm, names.cross_attn), eps,
-                                              _cross_attention_forward, enc_out, xattn, cross_mask, c)
+            h, z, cross_c = _sandwich_forward(kern, h, *map(norm, names.cross_attn), eps,
+                                              _cross_attention_forward, enc_out, xattn, cross_mask, c, kern)
             rec[f"{r}layers.{i}.cross_attn"] = z
         mlp = [params[f"{p}mlp.{n}.weight"] for n in _MLP]
-        h, z, mlp_c = _sandwich_forward(h, *map(norm, names.mlp), eps, mlp_forward, *mlp)
+        h, z, mlp_c = _sandwich_forward(kern, h, *map(norm, names.mlp), eps, kern.mlp_forward, *mlp)
         rec[f"{r}layers.{i}.mlp"] = z
         rec[f"{r}layers.{i}"] = h                                # the layer's output
         layer_caches.append((self_c, cross_c, mlp_c))
-    out, norm_c = rmsnorm_forward(h, params[f"{P}norm.weight"], c.rms_norm_eps)
+    out, norm_c = kern.rmsnorm_forward(h, params[f"{P}norm.weight"], c.rms_norm_eps)
     rec[f"{r}norm"] = out
-    return out, (c, names, emb_c, layer_caches, norm_c)
+    return out, (c, names, kern, emb_c, layer_caches, norm_c)
 
 
 def stack_backward(dout, cache):
     """Gradients of every stack tensor (a dict, checkpoint names) and, for a decoder,
     the gradient of the encoder output: the sum of every layer's cross-attention part."""
-    c, names, emb_c, layer_caches, norm_c = cache
+    c, names, kern, emb_c, layer_caches, norm_c = cache
     P = names.prefix
     grads = {}
-    dh, grads[f"{P}norm.weight"] = rmsnorm_backward(dout, norm_c)   # inverts the final norm
+    dh, grads[f"{P}norm.weight"] = kern.rmsnorm_backward(dout, norm_c)   # inverts the final norm
     d_enc = 0.0
     for i in reversed(range(c.num_hidden_layers)):                  # the layers, bottom-up
         p = f"{P}layers.{i}."
         self_c, cross_c, mlp_c = layer_caches[i]
-        dh, dw_pre, dws, dw_post = _sandwich_backward(dh, mlp_c, mlp_backward)
+        dh, dw_pre, dws, dw_post = _sandwich_backward(kern, dh, mlp_c, kern.mlp_backward)
         grads[f"{p}{names.mlp[0]}.weight"], grads[f"{p}{names.mlp[1]}.weight"] = dw_pre, dw_post
         for n, dw in zip(_MLP, dws):
             grads[f"{p}mlp.{n}.weight"] = dw
         if cross_c is not None:
-            dh, dw_pre, (d_src, dws), dw_post = _sandwich_backward(dh, cross_c, attention_block_backward)
+            dh, dw_pre, (d_src, dws), dw_post = _sandwich_backward(kern, dh, cross_c, attention_block_backward)
             grads[f"{p}{names.cross_attn[0]}.weight"], grads[f"{p}{names.cross_attn[1]}.weight"] = dw_pre, dw_post
             grads.update({f"{p}cross_attn.{n}.weight": dws[n] for n in _ATTN})
             d_enc = d_enc + d_src                                   # every layer reads the encoder output
-        dh, dw_pre, (dws,), dw_post = _sandwich_backward(dh, self_c, _self_attention_backward)
+        dh, dw_pre, (dws,), dw_post = _sandwich_backward(kern, dh, self_c, _self_attention_backward)
         grads[f"{p}{names.self_attn[0]}.weight"], grads[f"{p}{names.self_attn[1]}.weight"] = dw_pre, dw_post
         grads.update({f"{p}self_attn.{n}.weight": dws[n] for n in _ATTN})
     grads[f"{P}embed_tokens.weight"] = embedding_backward(dh, emb_c)  # inverts the embedding

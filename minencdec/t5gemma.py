@@ -23,10 +23,12 @@ import dataclasses
 
 import numpy as np
 
-from .attention import bidirectional_mask, causal_mask, with_key_padding
+from .attention import Mask
+from .backend import check_backend
+from .backend import kernels as backend_kernels
 from .config import GemmaConfig, T5GemmaConfig
 from .gemma2 import lm_head_backward, lm_head_forward
-from .losses import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .losses import IGNORE_INDEX
 from .stack import T5_DECODER, T5_ENCODER, init_weights, stack_backward, stack_forward, stack_param_shapes
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
@@ -60,37 +62,47 @@ def shift_right(labels, bos_id, pad_id):
     return np.where(shifted == IGNORE_INDEX, pad_id, shifted)
 
 
-def encoder_masks(c: GemmaConfig, S, attention_mask):
-    """One (B, S, S) bidirectional mask per encoder layer (config `c`), padded keys hidden."""
-    masks = {w: with_key_padding(bidirectional_mask(S, w, c.bidirectional_window), attention_mask)
-             for w in {c.window(i) for i in range(c.num_hidden_layers)}}
-    return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
+def encoder_masks(c: GemmaConfig, attention_mask):
+    """One bidirectional mask per encoder layer (config `c`; an attention.Mask, whose
+    `.dense(S, S)` is the (B, S, S) array): sliding layers see |i - j| within the window
+    (c.bidirectional_window's rule), padded keys hidden."""
+    return [Mask(causal=False, window=c.window(i), rule=c.bidirectional_window, key_mask=attention_mask)
+            for i in range(c.num_hidden_layers)]
 
 
-def decoder_masks(c: GemmaConfig, T, decoder_attention_mask):
-    """One (B, T, T) causal mask per decoder layer (config `c`; sliding layers see w keys)."""
-    masks = {w: with_key_padding(causal_mask(T, w), decoder_attention_mask)
-             for w in {c.window(i) for i in range(c.num_hidden_layers)}}
-    return [masks[c.window(i)] for i in range(c.num_hidden_layers)]
+def decoder_masks(c: GemmaConfig, decoder_attention_mask):
+    """One causal mask per decoder layer (config `c`; sliding layers see w keys)."""
+    return [Mask(causal=True, window=c.window(i), key_mask=decoder_attention_mask)
+            for i in range(c.num_hidden_layers)]
 
 
-def encode(params, config: T5GemmaConfig, input_ids, attention_mask, record=None):
+def cross_mask(attention_mask):
+    """Cross-attention: every real encoder key, never windowed; padded ones hidden."""
+    return Mask(causal=False, key_mask=attention_mask)
+
+
+def encode(params, config: T5GemmaConfig, input_ids, attention_mask, record=None, backend="numpy"):
     """The encoder output (B, S, De) and its cache."""
-    masks = encoder_masks(config.encoder, input_ids.shape[1], attention_mask)
-    return stack_forward(params, config.encoder, T5_ENCODER, input_ids, masks, record=record)
+    return stack_forward(params, config.encoder, T5_ENCODER, input_ids, encoder_masks(config.encoder, attention_mask),
+                         record=record, backend=backend)
+
+
+def decode(params, config: T5GemmaConfig, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
+           record=None, cross_attention=True, backend="numpy"):
+    """The decoder's final-normed hidden states (B, T, Dd) and their cache.
+    `cross_attention=False` skips every cross-attention sublayer (an ablation switch)."""
+    names = T5_DECODER if cross_attention else _DECODER_WITHOUT_CROSS
+    return stack_forward(params, config.decoder, names, decoder_input_ids,
+                         decoder_masks(config.decoder, decoder_attention_mask),
+                         cross=(enc_out, cross_mask(attention_mask)), record=record, backend=backend)
 
 
 def forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attention_mask,
-            decoder_attention_mask, record=None, cross_attention=True):
-    """logits (B, T, V) and the cache for `backward`. Masks are bool arrays (1 = token);
-    `cross_attention=False` skips every cross-attention sublayer (an ablation switch)."""
-    enc_out, enc_c = encode(params, config, input_ids, attention_mask, record)           # (B, S, De)
-    T, S = decoder_input_ids.shape[1], input_ids.shape[1]
-    cross_mask = with_key_padding(np.ones((T, S), dtype=bool), attention_mask)          # (B, T, S) full, never windowed
-    names = T5_DECODER if cross_attention else _DECODER_WITHOUT_CROSS
-    h, dec_c = stack_forward(params, config.decoder, names, decoder_input_ids,
-                             decoder_masks(config.decoder, T, decoder_attention_mask),
-                             cross=(enc_out, cross_mask), record=record)               # (B, T, Dd)
+            decoder_attention_mask, record=None, cross_attention=True, backend="numpy"):
+    """logits (B, T, V) and the cache for `backward`. Masks are bool arrays (1 = token)."""
+    enc_out, enc_c = encode(params, config, input_ids, attention_mask, record, backend)  # (B, S, De)
+    h, dec_c = decode(params, config, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
+                      record, cross_attention, backend)                                 # (B, T, Dd)
     logits, head_c = lm_head_forward(h, params[DEC_EMBED], config.decoder.final_logit_softcapping)
     if record is not None:
         record["logits"] = logits
@@ -108,18 +120,43 @@ def backward(dlogits, cache):
     return {**enc_grads, **grads}
 
 
-class T5GemmaModel:
-    """An encoder-decoder Gemma. `params` is keyed by the Hugging Face tensor names."""
+def loss_forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attention_mask,
+                 decoder_attention_mask, targets, backend="numpy"):
+    """The mean cross-entropy of `targets` (B, T) (-100 ignored) and the cache for
+    `loss_backward`. No logits come back: the fast path's fused LM head + loss never holds
+    all of them (fastpath/lmhead.py); the reference computes them inside."""
+    enc_out, enc_c = encode(params, config, input_ids, attention_mask, None, backend)    # (B, S, De)
+    h, dec_c = decode(params, config, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
+                      backend=backend)                                                  # (B, T, Dd)
+    kern = backend_kernels(backend)
+    loss, head_c = kern.lm_head_loss_forward(h, params[DEC_EMBED], targets, config.decoder.final_logit_softcapping)
+    return loss, (enc_c, dec_c, head_c, kern)
 
-    def __init__(self, config: T5GemmaConfig, params: dict, dtype="float32"):
+
+def loss_backward(cache):
+    """Every parameter's gradient of the loss of `loss_forward`, read as `backward`."""
+    enc_c, dec_c, head_c, kern = cache
+    dh, dtable_head = kern.lm_head_loss_backward(head_c)         # inverts the loss and the LM head
+    grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
+    grads[DEC_EMBED] = grads[DEC_EMBED] + dtable_head            # tied: the decoder table is also the head
+    enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
+    return {**enc_grads, **grads}
+
+
+class T5GemmaModel:
+    """An encoder-decoder Gemma. `params` is keyed by the Hugging Face tensor names.
+    backend: "numpy" (the reference) or "numba" (the fast path); see backend.py."""
+
+    def __init__(self, config: T5GemmaConfig, params: dict, dtype="float32", backend="numpy"):
         self.config = config
         self.dtype = resolve_dtype(dtype)
+        self.backend = check_backend(backend)
         self.params = check_params({k: v for k, v in params.items() if k != TIED_HEAD},
                                    param_shapes(config), self.dtype)
 
     @classmethod
-    def random(cls, config: T5GemmaConfig, seed=0, dtype="float32"):
-        return cls(config, init_params(config, seed, dtype), dtype)
+    def random(cls, config: T5GemmaConfig, seed=0, dtype="float32", backend="numpy"):
+        return cls(config, init_params(config, seed, dtype), dtype, backend)
 
     def _inputs(self, input_ids, attention_mask):
         ids = check_ids(input_ids, self.config.encoder.vocab_size, "input_ids")
@@ -134,14 +171,15 @@ class T5GemmaModel:
     def encode(self, input_ids, attention_mask=None):
         """The encoder's output (B, S, De) after its final norm."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        return encode(self.params, self.config, ids, mask)[0]
+        return encode(self.params, self.config, ids, mask, backend=self.backend)[0]
 
     def logits(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
                record=None, cross_attention=True):
         """(B, T, V) logits, final softcap applied. Masks default to `ids != pad`."""
         ids, mask = self._inputs(input_ids, attention_mask)
         dec_ids, dec_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask)
-        return forward(self.params, self.config, ids, dec_ids, mask, dec_mask, record, cross_attention)[0]
+        return forward(self.params, self.config, ids, dec_ids, mask, dec_mask, record, cross_attention,
+                       self.backend)[0]
 
     def loss_and_grads(self, input_ids, labels, attention_mask=None):
         """Mean cross-entropy of the labels (decoder inputs = shift_right(labels), -100
@@ -152,9 +190,9 @@ class T5GemmaModel:
         if labels.shape[0] != ids.shape[0]:
             raise ValueError(f"labels have batch {labels.shape[0]} but input_ids have batch {ids.shape[0]}")
         dec_ids, dec_mask = self._decoder_inputs(shift_right(labels, dec.bos_token_id, dec.pad_token_id), None)
-        logits, cache = forward(self.params, self.config, ids, dec_ids, mask, dec_mask)
-        loss, ce_c = cross_entropy_forward(logits, labels)       # labels are already the targets
-        return loss, backward(cross_entropy_backward(ce_c), cache)
+        loss, cache = loss_forward(self.params, self.config, ids, dec_ids, mask, dec_mask, labels,
+                                   self.backend)                 # labels are already the targets
+        return loss, loss_backward(cache)
 
     def generate(self, input_ids, max_new_tokens=32, attention_mask=None, do_sample=False, temperature=1.0,
                  top_k=None, top_p=None, seed=None, min_new_tokens=0, eos_token_id=None, stream=None):

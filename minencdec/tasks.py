@@ -105,7 +105,8 @@ class Seq2SeqTask:
         k, T = input_ids.shape[1], labels.shape[1]
         teacher = self.teacher.logits(rows)[:, k - 1:k - 1 + T]        # (B, T, V): predicts x[k + t]
         logits, cache = t5gemma.forward(model.params, model.config, *_t5_inputs(model, input_ids, labels,
-                                                                                 attention_mask))
+                                                                                 attention_mask),
+                                        backend=model.backend)
         loss, kd_c = distillation_forward(logits, teacher, labels, self.temperature, self.alpha)
         return float(loss), t5gemma.backward(distillation_backward(kd_c), cache), tokens
 
@@ -115,7 +116,8 @@ class Seq2SeqTask:
     def eval_loss(self, model, batch):
         _, input_ids, attention_mask, labels = batch
         logits, _ = t5gemma.forward(model.params, model.config, *_t5_inputs(model, input_ids, labels,
-                                                                             attention_mask))
+                                                                             attention_mask),
+                                    backend=model.backend)
         loss, _ = cross_entropy_forward(logits, labels)
         n = int((labels != -100).sum())
         return float(loss) * n, n

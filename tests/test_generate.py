@@ -129,9 +129,8 @@ def test_positions_shifted_by_the_padding_give_the_same_logits(monkeypatch):
 
 def test_negative_control_cross_attention_cut_to_window_fails(monkeypatch):
     """Cross-attention that inherits the decoder's sliding window (the bug transformers shipped)."""
-    def windowed(cross_mask, T, w=2):
-        S = cross_mask.shape[1]
-        return G.with_key_padding(np.ones((T, S), dtype=bool) & (np.arange(S) >= S - w), cross_mask)
+    def windowed(cross_mask, w=2):
+        return G.Mask(causal=False, window=w, key_mask=cross_mask)     # only the first w + 1 keys
     monkeypatch.setattr(G, "_cross_key_mask", windowed)
     with pytest.raises(AssertionError):
         check_cache_against_full_forward("unbalanced")

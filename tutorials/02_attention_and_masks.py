@@ -173,7 +173,7 @@ def layer_attention(params, ids, layer):
     x, _ = rmsnorm_forward(h, model.params[P + "input_layernorm.weight"], cfg.rms_norm_eps)
     wts = {n: model.params[f"{P}self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     rope = rope_cos_sin(np.arange(ids.shape[1]), cfg.head_dim, cfg.rope_theta, np.float64)
-    y, cache = attention_block_forward(x, x, wts, self_attention_masks(cfg, ids.shape[1])[layer],
+    y, cache = attention_block_forward(x, x, wts, self_attention_masks(cfg)[layer],
                                        cfg.num_attention_heads, cfg.num_key_value_heads,
                                        cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, rope)
     z, _ = rmsnorm_forward(y, model.params[P + "post_attention_layernorm.weight"], cfg.rms_norm_eps)

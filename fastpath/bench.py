@@ -22,8 +22,8 @@ Sections (each a function returning a dict; all go into the JSON):
   lm_head        LM head + softcap 30 + cross-entropy, forward + backward, N = 2048, V = 8192, D = 512
   threads        a BLAS matmul followed by the fast attention: sum of parts vs back to back,
                  with OpenBLAS's default thread timeout and with OPENBLAS_THREAD_TIMEOUT=4
-  train_step     T5Gemma Small (8+8 layers, width 512, vocab 8192), batch 8 x 256/256   } need the
-  generate       greedy, 128 new tokens from 256 input tokens, batch 1                } backend switch
+  train_step     T5Gemma Small (8+8 layers, width 512, vocab 8192), batch 8 x 256/256  } bench_model.py
+  generate       greedy, 128 new tokens from 256 input tokens, batch 1               }
 Memory: tracemalloc peak for NumPy (reference and fast path; the Numba kernels' own scratch
 is a few tiles, not traced), and for all three the growth of the process's peak resident
 memory (VmHWM, reset before each run through /proc/self/clear_refs): the only measure that
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
@@ -51,6 +50,7 @@ from minencdec import layers as ref_layers
 from minencdec import losses as ref_losses
 
 from . import attention as fast_attention
+from . import bench_model
 from . import decode as fast_decode
 from . import lmhead as fast_lmhead
 from . import norm as fast_norm
@@ -59,9 +59,10 @@ from .jit import compile_all, lanes
 # ---------------------------------------------------------------------------- measuring
 
 
-def best_time(fn, repeat, number=1):
+def best_time(fn, repeat, number=1, warmup=True):
     """Best wall time per call over `repeat` samples of `number` calls, after one warm-up."""
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         gc.collect()
@@ -380,101 +381,23 @@ def threads(quick):
               f"{apart:6.1f} ms apart; back to back {r['back_to_back_ms']:6.1f} ms ({r['back_to_back_ms'] / apart:.2f}x)")
     return out
 
-# ---------------------------------------------------------------------------- model sections (need the backend switch)
+# ---------------------------------------------------------------------------- model sections
 
 
-def _make_model(config, backend):
-    """minencdec's T5Gemma with a backend, or None while the model has no backend switch."""
-    from minencdec import T5GemmaModel
-    if backend == "numpy":
-        return T5GemmaModel.random(config, seed=0, dtype="float32")
-    if "backend" not in inspect.signature(T5GemmaModel.random).parameters:
-        return None
-    return T5GemmaModel.random(config, seed=0, dtype="float32", backend=backend)
+def _measure_model(repeat):
+    """measure(fn, torch) for bench_model: (best seconds, threads, peak RSS growth). The
+    peak is taken on the first run, which is also the warm-up."""
+    def measure(fn, torch):
+        if torch is None:
+            peak = peak_rss_growth(fn)
+            return best_time(fn, repeat, warmup=False), lanes(1 << 30), peak
+        seconds, threads = torch_best_time(torch, fn, repeat)
+        torch.set_num_threads(threads)
+        peak = peak_rss_growth(fn)
+        torch.set_num_threads(lanes(1 << 30))
+        return seconds, threads, peak
+    return measure
 
-
-def _small_config():
-    from minencdec import T5GemmaConfig, preset
-    c = preset("small", vocab_size=8192)
-    return T5GemmaConfig(c, c)
-
-
-def _torch_t5gemma(config):
-    import torch
-    from transformers import T5GemmaConfig as HFConfig
-    from transformers import T5GemmaForConditionalGeneration
-    torch.manual_seed(0)
-    return T5GemmaForConditionalGeneration._from_config(HFConfig(**config.to_hf_dict()), attn_implementation="eager",
-                                                        dtype=torch.float32)
-
-
-def train_step(backend, quick):
-    """Seconds for one loss-and-gradients step of T5Gemma Small, batch 8 x 256 / 256."""
-    config, rng = _small_config(), np.random.default_rng(0)
-    B, S, T = (2, 64, 64) if quick else (8, 256, 256)
-    ids, labels = rng.integers(3, 8192, (B, S)), rng.integers(3, 8192, (B, T))
-    if backend == "torch":
-        torch = _torch()
-        model = _torch_t5gemma(config).train()
-        ti, tl = torch.from_numpy(ids), torch.from_numpy(labels)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ti, labels=tl, use_cache=False).loss.backward()
-    else:
-        model = _make_model(config, backend)
-        if model is None:
-            return None
-
-        def step():
-            model.loss_and_grads(ids, labels)
-    seconds = best_time(step, 1)
-    return {"seconds": seconds, "tokens_per_s": B * (S + T) / seconds}
-
-
-def generate(backend, quick):
-    """Tokens/s of greedy generation, 128 new tokens (32 with --quick) from 256 input tokens."""
-    config, rng = _small_config(), np.random.default_rng(0)
-    n_new = 32 if quick else 128
-    ids = rng.integers(3, 8192, (1, 256))
-    if backend == "torch":
-        torch = _torch()
-        model = _torch_t5gemma(config).eval()
-        ti = torch.from_numpy(ids)
-
-        def run():
-            with torch.no_grad():
-                model.generate(input_ids=ti, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-    else:
-        from minencdec.generate import generate as mgenerate
-        model = _make_model(config, backend)
-        if model is None:
-            return None
-
-        def run():
-            mgenerate(model, ids, max_new_tokens=n_new, min_new_tokens=n_new)
-    seconds = best_time(run, 1)
-    return {"seconds": seconds, "tokens_per_s": n_new / seconds}
-
-
-def model_sections(quick, force):
-    """train_step and generate for every backend, when minencdec has the backend switch (or
-    with --model, the reference and torch alone)."""
-    from minencdec import T5GemmaModel
-    ready = "backend" in inspect.signature(T5GemmaModel.random).parameters
-    if not (ready or force):
-        print("\ntrain_step, generate: skipped: minencdec has no backend switch yet "
-              "(T5GemmaModel.random(config, seed, dtype, backend=...)); --model runs numpy and torch alone")
-        return {"skipped": "no backend switch in minencdec yet"}
-    out = {}
-    for section in (train_step, generate):
-        res = {b: section(b, quick) for b in ("numpy", "numba", "torch") if b != "torch" or _torch()}
-        out[section.__name__] = res
-        print(f"\n{section.__name__} ({section.__doc__.splitlines()[0]})")
-        for b, r in res.items():
-            print(f"  {b:6s} " + ("skipped (no backend switch)" if r is None else
-                                  f"{r['seconds']:8.2f} s  {r['tokens_per_s']:8.1f} tokens/s"))
-    return out
 
 # ---------------------------------------------------------------------------- main
 
@@ -484,10 +407,18 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="shorter lengths, fewer repeats")
     p.add_argument("--json", default=os.path.join("runs", "fastpath_bench.json"),
                    help="where to write the results (default runs/fastpath_bench.json; runs/ is git-ignored)")
-    p.add_argument("--model", action="store_true",
-                   help="run train_step and generate for numpy and torch even without the backend switch")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="threads for BLAS, the Numba kernels and torch alike (default: every core)")
     p.add_argument("--only", nargs="*", help="run only these sections")
     args = p.parse_args(argv)
+    import numba
+    from threadpoolctl import threadpool_limits
+    numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        return _run(args)
+
+
+def _run(args):
     results = {"machine": machine()}
     compile_s = compile_all(verbose=False)
     results["compile_s"] = compile_s
@@ -496,7 +427,8 @@ def main(argv=None):
         if not args.only or section.__name__ in args.only:
             results[section.__name__] = section(args.quick)
     if not args.only or "model" in args.only:
-        results["model"] = model_sections(args.quick, args.model)
+        results["model"] = bench_model.model_sections(args.quick, _torch(), _measure_model(1 if args.quick else 2),
+                                                      results.get("blas", {}).get("peak_gflops", float("nan")))
     results["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {results['load_average_end'][0]:.2f} (start {results['machine']['load_average'][0]:.2f})")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

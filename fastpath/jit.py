@@ -40,6 +40,7 @@ the matmul itself was no slower. (An earlier prange version of these kernels mea
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,7 +91,7 @@ def compile_all(verbose=True):
     checkout pays the compile; later runs only load the cache."""
     import numpy as np
 
-    from . import attention, decode, lmhead, norm
+    from . import attention, decode, lmhead, mlp, norm
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):
@@ -103,8 +104,11 @@ def compile_all(verbose=True):
         y, nc = norm.rmsnorm_forward(x, x[0], 1e-6)
         norm.rmsnorm_backward(y, nc)
         lmhead.lm_head_cross_entropy(x, rng.standard_normal((6, 4)).astype(dt), np.array([1, -100]), 3.0)
+        mlp.geglu_backward(x, x, x)
+        mlp.geglu_forward(x, x)
     seconds = time.perf_counter() - t0
     if verbose:
         print(f"fastpath: kernels ready in {seconds:.1f} s "
-              f"({'compiled or loaded from the cache' if jit_enabled() else 'NUMBA_DISABLE_JIT=1: pure Python'})")
+              f"({'compiled or loaded from the cache' if jit_enabled() else 'NUMBA_DISABLE_JIT=1: pure Python'})",
+              file=sys.stderr)                          # stderr: stdout may be a generated text stream
     return seconds

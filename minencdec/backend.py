@@ -85,6 +85,21 @@ def _numba_kernels():
                    lmhead.lm_head_cross_entropy, lmhead.lm_head_cross_entropy_backward)
 
 
+def prepare(backend):
+    """Compile the fast path's kernels now (or load them from the on-disk cache) and print
+    how long it took, so that cost is seen once instead of hiding in the first step.
+    Nothing to do for the reference."""
+    if check_backend(backend) == "numba":
+        from fastpath.jit import compile_all
+        compile_all(verbose=True)
+
+
+def add_argument(parser, default="numba"):
+    """The commands' --backend option."""
+    parser.add_argument("--backend", default=default, choices=BACKENDS,
+                        help=f"numba: the compiled fast path; numpy: the reference (default {default})")
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, tokenizer as tk
+from . import backend, data, tokenizer as tk
 from .classify import Classifier
 from .config import preset
 from .gemma2 import Gemma2Model
@@ -77,7 +77,8 @@ def cmd_pretrain(args):
     train_rows, val_rows = packed_rows(texts, tok, args.seq_len, args.seed)
     config = preset(args.preset, vocab_size=tok.vocab_size)
     tk.check_for_model(tok, config.vocab_size)
-    model = Gemma2Model.random(config, seed=args.seed, dtype=args.dtype)
+    backend.prepare(args.backend)
+    model = Gemma2Model.random(config, seed=args.seed, dtype=args.dtype, backend=args.backend)
     task = CausalLMTask(train_rows, val_rows, args.batch_size, args.seed)
     train(model, task, train_config(args), run, resume=args.resume, label="pretrain (causal LM)",
           extra_files=tokenizer_files(tok))
@@ -87,7 +88,8 @@ def cmd_pretrain(args):
 
 def cmd_train(args):
     run = Path(args.out)
-    model = load_pretrained(args.model, args.dtype, expect="t5gemma")
+    backend.prepare(args.backend)
+    model = load_pretrained(args.model, args.dtype, expect="t5gemma", backend=args.backend)
     tok = tk.Tokenizer.load(args.tokenizer or args.model)
     tk.check_for_model(tok, model.config.decoder.vocab_size)
     if args.objective == "ul2":
@@ -97,7 +99,7 @@ def cmd_train(args):
     teacher = None
     if args.objective == "prefixlm-kd":
         source = args.teacher or _adaptation_source(args.model)
-        teacher = load_pretrained(source, args.dtype, expect="gemma2")
+        teacher = load_pretrained(source, args.dtype, expect="gemma2", backend=args.backend)
     task = Seq2SeqTask(args.objective, train_rows, val_rows, args.batch_size, args.seed, special=tok,
                        teacher=teacher, temperature=args.temperature, alpha=args.alpha)
     freeze = tuple(cross_attention_names(model.config)) if args.cross_attn_warmup else ()
@@ -120,7 +122,8 @@ def _adaptation_source(model_dir):
 
 def cmd_finetune(args):
     run = Path(args.out)
-    model = load_pretrained(args.model, args.dtype)
+    backend.prepare(args.backend)
+    model = load_pretrained(args.model, args.dtype, backend=args.backend)
     tok = tk.Tokenizer.load(args.tokenizer or args.model)
     rows = [json.loads(line) for line in Path(args.task).read_text().splitlines() if line.strip()]
     if len(rows) < 4:
@@ -172,6 +175,7 @@ def _common(p, steps, lr, batch_size, seq_len):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--resume", action="store_true", help="continue the run in --out bit for bit")
+    backend.add_argument(p)
 
 
 def add_commands(sub):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import commands
+from . import backend, commands
 from .losses import cross_entropy_forward
 from .pretrained import adapt_checkpoints, load_pretrained
 from .tasks import Seq2SeqTask
@@ -93,7 +93,7 @@ def cmd_demo(args):
     quick = args.quick
     pre_steps, train_steps = (60, 60) if quick else (args.pretrain_steps, args.train_steps)
     t0 = time.monotonic()
-    base = dict(data=args.data, field="text", tokenizer=None, seed=args.seed, dtype="float32",
+    base = dict(data=args.data, field="text", tokenizer=None, seed=args.seed, dtype="float32", backend=args.backend,
                 resume=args.resume, weight_decay=0.01, eval_every=max(pre_steps // 6, 10),
                 save_every=100, batch_size=args.batch_size, seq_len=args.seq_len)
     pre_args = argparse.Namespace(**base, out=str(run / "pretrain"), steps=pre_steps, lr=3e-3, warmup=30,
@@ -102,7 +102,7 @@ def cmd_demo(args):
     t_pre = time.monotonic() - t0
     print("adapting the decoder-only checkpoint into an encoder-decoder (cross-attention: copy)")
     adapt_checkpoints(run / "pretrain" / "checkpoint", run / "pretrain" / "checkpoint", run / "adapted")
-    adapted_loss = evaluate(load_pretrained(run / "adapted"),
+    adapted_loss = evaluate(load_pretrained(run / "adapted", backend=args.backend),
                             Seq2SeqTask("prefixlm", val_rows[:1], val_rows, args.batch_size))
     train_args = argparse.Namespace(**{**base, "eval_every": max(train_steps // 6, 10)}, out=str(run / "train"),
                                     model=str(run / "adapted"), objective="prefixlm-kd", teacher=None,
@@ -150,4 +150,5 @@ def add_commands(sub):
     p.add_argument("--sample-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    backend.add_argument(p)
     p.set_defaults(func=cmd_demo)

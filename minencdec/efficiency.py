@@ -143,11 +143,11 @@ def tiny_models() -> dict:
             "enc-dec small-small": T5GemmaConfig(small, small), "enc-dec large-small": T5GemmaConfig(large, small)}
 
 
-def random_model(config, seed=0, dtype="float32"):
+def random_model(config, seed=0, dtype="float32", backend="numpy"):
     from .gemma2 import Gemma2Model
     from .t5gemma import T5GemmaModel
     cls = T5GemmaModel if isinstance(config, T5GemmaConfig) else Gemma2Model
-    return cls.random(config, seed, dtype)
+    return cls.random(config, seed, dtype, backend)
 
 
 def measure(model, n_in, n_out, repeats=3, seed=0):
@@ -174,7 +174,7 @@ def measure(model, n_in, n_out, repeats=3, seed=0):
 
 # ---------------------------------------------------------------------------- the command
 
-def run(out_dir, quick=False, repeats=3):
+def run(out_dir, quick=False, repeats=3, backend="numpy"):
     """Print the FLOPs table and the measured latencies, draw `efficiency.png` in out_dir."""
     import os
 
@@ -199,14 +199,14 @@ def run(out_dir, quick=False, repeats=3):
     fixed_out, fixed_in = m_outs[1], m_ins[1]
     timed = {name: {} for name in tiny}
     threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS")
-    print(f"\nmeasured wall time of minencdec generation (float32, batch 1, best of {repeats}), tiny models, "
-          f"BLAS threads: {threads or 'default'}")
+    print(f"\nmeasured wall time of minencdec generation (float32, batch 1, best of {repeats}, backend {backend}), "
+          f"tiny models, BLAS threads: {threads or 'default'}")
     if not threads:
         print("(for steady timings on a shared machine run with OMP_NUM_THREADS=1: BLAS threads "
               "fighting over busy cores can stall each small matmul for a whole scheduler tick)")
     print(f"{'model':<20} {'in':>4} {'out':>4} {'input ms':>9} {'ms/step':>8} {'tok/s':>7} {'total ms':>9}")
     for name, cfg in tiny.items():
-        model = random_model(cfg)
+        model = random_model(cfg, backend=backend)
         measure(model, m_ins[0], 2, repeats=1)             # warm-up: first calls allocate and page in
         grid = [(n, fixed_out) for n in m_ins] + [(fixed_in, n) for n in m_outs if n != fixed_out]
         for n_in, n_out in grid:
@@ -253,7 +253,9 @@ def run(out_dir, quick=False, repeats=3):
 
 
 def cmd_efficiency(args):
-    run(args.out, args.quick, args.repeats)
+    from .backend import prepare
+    prepare(args.backend)
+    run(args.out, args.quick, args.repeats, args.backend)
     return 0
 
 
@@ -262,4 +264,6 @@ def add_command(sub):
     s.add_argument("--out", default="efficiency_out", help="directory for efficiency.png")
     s.add_argument("--quick", action="store_true", help="fewer, shorter timings (seconds instead of a minute)")
     s.add_argument("--repeats", type=int, default=3, help="timing repeats; the best is kept")
+    from .backend import add_argument
+    add_argument(s)
     s.set_defaults(func=cmd_efficiency)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import t5gemma
+from . import backend, t5gemma
 from .attention import Mask, _merge_heads, _split_heads
 from .backend import kernels as backend_kernels
 from .gemma2 import EMBED, Gemma2Model, lm_head_forward
@@ -309,7 +309,8 @@ def cmd_generate(args):
     from .pretrained import load_pretrained
     if args.prompt_ids is None and args.prompt is None and args.input_file is None:
         raise ValueError("give --prompt, --input-file or --prompt-ids")
-    model = load_pretrained(args.model, args.dtype)
+    backend.prepare(args.backend)
+    model = load_pretrained(args.model, args.dtype, backend=args.backend)
     c = _decoder_config(model)
     spm = os.path.join(args.model, "tokenizer.model")
     if not os.path.isfile(spm) and args.prompt_ids is None:
@@ -362,6 +363,7 @@ def add_commands(sub):
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
     s.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    backend.add_argument(s)
     s.set_defaults(func=cmd_generate)
     from .efficiency import add_command
     add_command(sub)

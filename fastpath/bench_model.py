@@ -1,0 +1,126 @@
+"""The whole-model sections of `python -m fastpath.bench`: a training step and generation.
+
+    train_step   T5Gemma Small (8+8 layers, width 512, 8 heads of 64, MLP 1024, vocab 8192),
+                 batch 8 x 256 source / 256 target tokens: loss and every gradient
+    generate     the same model, greedy, 128 new tokens from a 256-token input, batch 1
+
+each on the NumPy reference (backend="numpy"), the fast path (backend="numba") and
+transformers' eager T5Gemma in PyTorch (same config, same weights' shapes, float32), with
+wall time, tokens per second, the growth of peak resident memory, and for the training step
+the achieved GFLOP/s: `train_flops` counts the step's useful multiply-adds (x 2), the same
+number for all three, so the figure compares like with like.
+
+Threads: all three run at the benchmark's thread count (BLAS, Numba lanes and torch alike);
+torch also at 1 thread, and the faster of its two is kept (bench.torch_best_time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minencdec import T5GemmaConfig, T5GemmaModel, preset
+
+SMALL = dict(B=8, S=256, T=256)
+QUICK = dict(B=2, S=64, T=64)
+
+
+def small_config():
+    c = preset("small", vocab_size=8192)
+    return T5GemmaConfig(c, c)
+
+
+def _stack_matmul_params(c):
+    """Multiply-adds per token of one layer's projections (q, k, v, o and the MLP)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return 2 * c.hidden_size * q + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+
+
+def train_flops(config: T5GemmaConfig, B, S, T):
+    """FLOPs of one training step (forward x 3: the backward costs two forwards), useful
+    work only: projections, the attention pairs each query may see, the LM head."""
+    enc, dec = config.encoder, config.decoder
+    q, kv = dec.num_attention_heads * dec.head_dim, dec.num_key_value_heads * dec.head_dim
+    fwd = 2 * B * S * enc.num_hidden_layers * _stack_matmul_params(enc)
+    fwd += 2 * B * T * dec.num_hidden_layers * (_stack_matmul_params(dec) + 2 * dec.hidden_size * q)   # + cross q, o
+    fwd += 2 * B * S * dec.num_hidden_layers * 2 * enc.hidden_size * kv                           # cross k, v
+    pairs_enc = S * S                                                    # Small's window 4096 > S: all pairs
+    pairs_dec = T * (T + 1) // 2 + T * S                                  # causal self + cross
+    fwd += 4 * B * enc.num_attention_heads * enc.head_dim * pairs_enc * enc.num_hidden_layers
+    fwd += 4 * B * dec.num_attention_heads * dec.head_dim * pairs_dec * dec.num_hidden_layers
+    fwd += 2 * B * T * dec.hidden_size * dec.vocab_size                   # LM head
+    return 3 * fwd
+
+
+def _torch_model(config):
+    import torch
+    from transformers import T5GemmaConfig as HFConfig
+    from transformers import T5GemmaForConditionalGeneration
+    torch.manual_seed(0)
+    return T5GemmaForConditionalGeneration._from_config(HFConfig(**config.to_hf_dict()), attn_implementation="eager",
+                                                        dtype=torch.float32)
+
+
+def train_step(name, quick, torch, measure):
+    """One loss-and-gradients step; `measure(fn, torch)` -> (seconds, threads, peak bytes)."""
+    config, rng = small_config(), np.random.default_rng(0)
+    B, S, T = (QUICK if quick else SMALL).values()
+    ids, labels = rng.integers(3, 8192, (B, S)), rng.integers(3, 8192, (B, T))
+    if name == "torch":
+        model = _torch_model(config).train()
+        ti, tl = torch.from_numpy(ids), torch.from_numpy(labels)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ti, labels=tl, use_cache=False).loss.backward()
+    else:
+        model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
+
+        def step():
+            model.loss_and_grads(ids, labels)
+    seconds, threads, peak = measure(step, torch if name == "torch" else None)
+    flops = train_flops(config, B, S, T)
+    return {"seconds": seconds, "tokens_per_s": B * (S + T) / seconds, "gflops": flops / seconds / 1e9,
+            "threads": threads, "peak_rss_growth": peak}
+
+
+def generate(name, quick, torch, measure):
+    """Greedy generation of 128 new tokens (32 with --quick) from 256 input tokens, batch 1."""
+    config, rng = small_config(), np.random.default_rng(0)
+    n_new = 32 if quick else 128
+    ids = rng.integers(3, 8192, (1, 256))
+    if name == "torch":
+        model = _torch_model(config).eval()
+        ti = torch.from_numpy(ids)
+
+        def run():
+            with torch.no_grad():
+                model.generate(input_ids=ti, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    else:
+        from minencdec.generate import generate as mgenerate
+        model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
+
+        def run():
+            mgenerate(model, ids, max_new_tokens=n_new, min_new_tokens=n_new)
+    seconds, threads, peak = measure(run, torch if name == "torch" else None)
+    return {"seconds": seconds, "tokens_per_s": n_new / seconds, "threads": threads, "peak_rss_growth": peak}
+
+
+def model_sections(quick, torch, measure, peak_gflops):
+    """Both sections for every backend, printed with their ratios."""
+    out = {}
+    for section in (train_step, generate):
+        names = ["numpy", "numba"] + (["torch"] if torch is not None else [])
+        res = {n: section(n, quick, torch, measure) for n in names}
+        out[section.__name__] = res
+        print(f"\n{section.__name__}: {section.__doc__.splitlines()[0]}")
+        for n, r in res.items():
+            line = f"  {n:6s} {r['seconds']:8.2f} s  {r['tokens_per_s']:8.1f} tokens/s"
+            if "gflops" in r:
+                line += f"  {r['gflops']:6.1f} GFLOP/s ({100 * r['gflops'] / peak_gflops:3.0f}% of BLAS peak)"
+            mib = "-" if r["peak_rss_growth"] is None else f"{r['peak_rss_growth'] / 2**20:.0f}"
+            print(line + f"  peak RSS +{mib} MiB  ({r['threads']} thread{'s' * (r['threads'] > 1)})")
+        fast = res["numba"]["seconds"]
+        ratios = {f"vs_{n}": res[n]["seconds"] / fast for n in names if n != "numba"}
+        res["ratios"] = ratios
+        print("  fast path: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in ratios.items()))
+    return out

@@ -24,10 +24,10 @@ Sections (each a function returning a dict; all go into the JSON):
                  with OpenBLAS's default thread timeout and with OPENBLAS_THREAD_TIMEOUT=4
   train_step     T5Gemma Small (8+8 layers, width 512, vocab 8192), batch 8 x 256/256  } bench_model.py
   generate       greedy, 128 new tokens from 256 input tokens, batch 1               }
-Memory: tracemalloc peak for NumPy (reference and fast path; the Numba kernels' own scratch
-is a few tiles, not traced), and for all three the growth of the process's peak resident
-memory (VmHWM, reset before each run through /proc/self/clear_refs): the only measure that
-sees torch's allocations.
+Memory: tracemalloc peak of the NumPy and Numba allocations (Numba's runtime allocates
+through PyMem_RawMalloc, so a kernel's own scratch is traced too), and for all three the
+growth of the process's peak resident memory (VmHWM, reset before each run through
+/proc/self/clear_refs): the only measure that sees torch's allocations.
 """
 
 from __future__ import annotations
@@ -366,11 +366,10 @@ def threads(quick):
     code = f"import json, fastpath.bench as b; print(json.dumps(b._threads_measure({quick!r})))"
     out = {}
     print("\nthreads: a 2048x512x1536 matmul followed by the fast attention (8 x 8 x 256, window 128)")
-    for label, timeout in (("OpenBLAS default", None), ("OPENBLAS_THREAD_TIMEOUT=4", "4")):
-        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for label, timeout in (("OpenBLAS default (28)", "28"), ("OPENBLAS_THREAD_TIMEOUT=4", "4")):
+        # Set in both children: importing fastpath would otherwise default it to 4.
+        env = {**os.environ, "OPENBLAS_THREAD_TIMEOUT": timeout}
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        if timeout:
-            env["OPENBLAS_THREAD_TIMEOUT"] = timeout
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             print(f"  {label}: failed: {res.stderr[-500:]}")

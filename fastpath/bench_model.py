@@ -16,6 +16,8 @@ torch also at 1 thread, and the faster of its two is kept (bench.torch_best_time
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from minencdec import T5GemmaConfig, T5GemmaModel, preset
@@ -61,7 +63,8 @@ def _torch_model(config):
 
 
 def train_step(name, quick, torch, measure):
-    """One loss-and-gradients step; `measure(fn, torch)` -> (seconds, threads, peak bytes)."""
+    """One training step (loss and every gradient), batch 8 x 256 / 256 (2 x 64 / 64 with --quick).
+    `measure(fn, torch)` -> (seconds, threads, peak bytes)."""
     config, rng = small_config(), np.random.default_rng(0)
     B, S, T = (QUICK if quick else SMALL).values()
     ids, labels = rng.integers(3, 8192, (B, S)), rng.integers(3, 8192, (B, T))
@@ -105,6 +108,25 @@ def generate(name, quick, torch, measure):
     return {"seconds": seconds, "tokens_per_s": n_new / seconds, "threads": threads, "peak_rss_growth": peak}
 
 
+def weight_read_floor(repeat=5):
+    """Seconds per generated token spent only reading the decoder's weights: one matrix-vector
+    product per matrix a decode step uses (self q/k/v/o, cross q/o, gate/up/down, the LM
+    head), nothing else. Batch-1 float32 decoding cannot be faster than this memory floor."""
+    from minencdec.t5gemma import DEC_EMBED
+    model = T5GemmaModel.random(small_config(), seed=0, dtype="float32")
+    used = [w for n, w in model.params.items() if n.startswith("model.decoder.layers.") and w.ndim == 2
+            and not (".cross_attn.k_proj" in n or ".cross_attn.v_proj" in n)]     # cross k/v: once per input
+    used.append(model.params[DEC_EMBED])
+    xs = [np.ones((1, w.shape[1]), np.float32) for w in used]
+    best = np.inf
+    for _ in range(repeat + 1):
+        t = time.perf_counter()
+        for x, w in zip(xs, used):
+            x @ w.T
+        best = min(best, time.perf_counter() - t)
+    return best, sum(w.nbytes for w in used)
+
+
 def model_sections(quick, torch, measure, peak_gflops):
     """Both sections for every backend, printed with their ratios."""
     out = {}
@@ -123,4 +145,9 @@ def model_sections(quick, torch, measure, peak_gflops):
         ratios = {f"vs_{n}": res[n]["seconds"] / fast for n in names if n != "numba"}
         res["ratios"] = ratios
         print("  fast path: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in ratios.items()))
+    floor, nbytes = weight_read_floor()
+    out["generate"]["weight_read_floor_s"] = floor
+    print(f"  memory floor: reading the {nbytes / 2**20:.0f} MiB of matrices a decode step uses takes "
+          f"{floor * 1e3:.1f} ms here ({nbytes / floor / 1e9:.1f} GB/s), so at most {1 / floor:.0f} tokens/s "
+          f"after the input is encoded")
     return out

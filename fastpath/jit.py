@@ -60,7 +60,9 @@ def kernel(fn=None, *, parallel=False, fastmath=FASTMATH):
 
 def lanes(n_items):
     """How many lanes a parallel kernel uses for n_items work items."""
-    return max(1, min(numba.get_num_threads(), n_items))
+    if n_items <= 1:
+        return 1                                  # a decode step's single row: skip the thread query
+    return min(numba.get_num_threads(), n_items)
 
 
 _pool = None

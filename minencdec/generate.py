@@ -154,9 +154,10 @@ def start(model, input_ids, attention_mask=None):
         enc_out = t5gemma.encode(model.params, model.config, ids, mask, backend=model.backend)[0]   # (B, S, De), once
         cache = empty_cache(c, ids.shape[0], model.dtype)
         cache.cross_mask = mask
-        cache.cross = [tuple(_split_heads(linear_forward(enc_out, model.params[
-            f"model.decoder.layers.{i}.cross_attn.{n}.weight"])[0], c.num_key_value_heads)
+        cache.cross = [tuple(np.ascontiguousarray(_split_heads(linear_forward(enc_out, model.params[
+            f"model.decoder.layers.{i}.cross_attn.{n}.weight"])[0], c.num_key_value_heads))
             for n in ("k_proj", "v_proj")) for i in range(c.num_hidden_layers)]   # (B, K, S, Dh) each, once
+        # (contiguous once here, rather than copied by every step that reads them)
         bos = np.full((ids.shape[0], 1), c.bos_token_id, dtype=np.int64)          # decoder_start_token_id
         state = DecodeState(model, cache, np.ones(len(ids), np.int64), bos)
         h = stack_step(model.params, c, T5_DECODER, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend)

@@ -360,8 +360,9 @@ def test_lm_head_keeps_no_full_logits():
 
 
 def test_attention_memory_grows_linearly():
-    """tracemalloc peak (NumPy allocations: tiles, outputs, per-lane dq buffers; the
-    kernels' own scratch is a few tiles) for T and 2T: about x2, far below a T x T array."""
+    """tracemalloc peak (tiles, outputs, per-lane dq buffers, and the kernels' own scratch:
+    Numba allocates through PyMem_RawMalloc, which tracemalloc sees) for T and 2T: about x2,
+    far below a T x T array."""
     rng = np.random.default_rng(0)
     peaks = []
     for T in (256, 512):

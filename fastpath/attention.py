@@ -140,14 +140,47 @@ def _untile(x, L, Dh):
 
 
 @kernel
-def _forward_row(srow, j0, lo, hi, kvalid, scale, cap, inv_cap, consts, m, l, acc, r):
+def _forward_row_unmasked(srow, scale, cap, inv_cap, consts, m, l, acc, r):
+    """_forward_row for a row that sees every key of its tile: the same arithmetic, no mask
+    (measured: 8 us instead of 17 us per 64 x 64 float32 tile)."""
+    zero, one, neg_inf = consts
+    n = srow.shape[0]
+    if cap > 0:
+        for c in range(n):
+            srow[c] = cap * tanh(srow[c] * scale * inv_cap)
+    else:
+        for c in range(n):
+            srow[c] = srow[c] * scale
+    row_max = neg_inf
+    for c in range(n):
+        row_max = max(row_max, srow[c])
+    m_new = max(m[r], row_max)
+    rescale = exp(m[r] - m_new) if m[r] > neg_inf else zero
+    total = zero
+    for c in range(n):
+        p = exp(srow[c] - m_new)
+        srow[c] = p
+        total += p
+    l[r] = l[r] * rescale + total
+    m[r] = m_new
+    if rescale != one:
+        for d in range(acc.shape[1]):
+            acc[r, d] *= rescale
+
+
+@kernel
+def _forward_row(srow, j0, lo, hi, kvalid, full, scale, cap, inv_cap, consts, m, l, acc, r):
     """One row of a score tile: softcap, mask, online-softmax update of m[r], l[r], acc[r].
-    srow holds q.k on entry and the unnormalised probabilities p on exit."""
+    srow holds q.k on entry and the unnormalised probabilities p on exit. full: every key
+    of the tile is real (no padding, no tail past S)."""
     zero, one, neg_inf = consts
     n = srow.shape[0]
     c_lo, c_hi = max(lo - j0, 0), min(hi - j0, n - 1)         # visible columns, before padding
     if c_lo > c_hi:
         srow[:] = zero
+        return
+    if full and c_lo == 0 and c_hi == n - 1:                  # nothing masked: loops without selects
+        _forward_row_unmasked(srow, scale, cap, inv_cap, consts, m, l, acc, r)   # vectorise 2x better
         return
     if cap > 0:
         for c in range(n):
@@ -179,7 +212,7 @@ def _forward_row(srow, j0, lo, hi, kvalid, scale, cap, inv_cap, consts, m, l, ac
 
 
 @kernel
-def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, scale, cap, consts, o, lse):
+def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T, scale, cap, consts, o, lse):
     """Every n_lanes-th (batch, head, query tile) item from `lane` on (round-robin).
     consts = (0, 1, -inf) in the arrays' dtype: a bare 0 or 1.0 in a kernel is int64 or
     float64, and float32 * float64 would turn the whole loop into float64."""
@@ -201,15 +234,20 @@ def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, 
         m[:] = consts[2]
         l[:] = 0
         acc[:] = 0
+        # Views taken once per item: each view of a shared array costs an atomic reference
+        # count that the two lanes contend for (measured: the backward scaled 1.25x on two
+        # threads with views per row, 1.5x with them hoisted).
+        q_tile, k_b, v_b, kv_b, kt_b = Qt[b, h, qt], KT[b, kh], Vt[b, kh], kvalid[b], ktile[b]
         for t in range(tlo[qt] // BK, thi[qt] // BK + 1):     # only the key tiles it can see
-            if not kany[b, t]:
+            if not kt_b[t]:
                 continue
             s[:rows4] = 0
-            mm_nn(Qt[b, h, qt], KT[b, kh, t], s, rows4, Dp, BK)  # s = q k^T
+            mm_nn(q_tile, k_b[t], s, rows4, Dp, BK)           # s = q k^T
+            full = kt_b[t] == 2
             for r in range(rows):
-                _forward_row(s[r], t * BK, lo[i0 + r], hi[i0 + r], kvalid[b],
+                _forward_row(s[r], t * BK, lo[i0 + r], hi[i0 + r], kv_b, full,
                              scale, cap, inv_cap, consts, m, l, acc, r)
-            mm_nn(s, Vt[b, kh, t], acc, rows4, BK, Dp)        # acc += p v
+            mm_nn(s, v_b[t], acc, rows4, BK, Dp)              # acc += p v
         for r in range(rows):
             if l[r] > 0:
                 inv = consts[1] / l[r]
@@ -222,7 +260,7 @@ def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, 
 
 
 @kernel
-def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, scale, cap, inv_cap, consts, lse_r, delta_r):
+def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, full, scale, cap, inv_cap, consts, lse_r, delta_r):
     """One row: p = exp(softcap(s) - lse) on visible keys; ds = p (dp - delta) softcap' scale."""
     zero, one, _ = consts
     n = srow.shape[0]
@@ -230,6 +268,19 @@ def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, scale, cap, inv_
     if c_lo > c_hi:
         prow[:] = zero
         dsrow[:] = zero
+        return
+    if full and c_lo == 0 and c_hi == n - 1:                  # nothing masked: the loops without selects
+        if cap > 0:
+            for c in range(n):
+                th = tanh(srow[c] * scale * inv_cap)
+                p = exp(cap * th - lse_r)
+                prow[c] = p
+                dsrow[c] = p * (dprow[c] - delta_r) * (one - th * th) * scale
+        else:
+            for c in range(n):
+                p = exp(srow[c] * scale - lse_r)
+                prow[c] = p
+                dsrow[c] = p * (dprow[c] - delta_r) * scale
         return
     if cap > 0:
         for c in range(n):
@@ -245,7 +296,7 @@ def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, scale, cap, inv_
 
 
 @kernel
-def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, kany, lo, hi, tlo, thi, lse, delta, T, S,
+def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tlo, thi, lse, delta, T, S,
                    scale, cap, consts, dq_part, dk_t, dv_t):
     """Every n_lanes-th (batch, kv head, key tile) item from `lane` on; dq_part[lane] is its own."""
     dq = dq_part[lane]
@@ -260,13 +311,16 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, kany, lo, hi, tlo
     ds = np.zeros((BQ, BK), Qt.dtype)
     for item in range(lane, n_items, n_lanes):
         b, kh, t = item // (K * nkt), item // nkt % K, item % nkt
-        if not kany[b, t]:
+        if not ktile[b, t]:
             continue                                          # dk, dv of padding stay 0
         j0 = t * BK
         j_last = min(j0 + BK, S) - 1
         dk_tile, dv_tile = dk_t[b, kh, t], dv_t[b, kh, t]     # this item's own output tiles
+        k_tile, kT_tile, vT_tile = KT[b, kh, t], Kt[b, kh, t], VT[b, kh, t]
+        kv_b, full = kvalid[b], ktile[b, t] == 2              # views once per item (see _forward_lane)
         for g in range(G):
             h = kh * G + g
+            lse_h, delta_h, dq_h, q_h, do_h = lse[b, h], delta[b, h], dq[b, h], Qt[b, h], dOt[b, h]
             for qt in range(nqt):
                 if tlo[qt] > j_last or thi[qt] < j0:
                     continue                                  # no row of this tile sees these keys
@@ -274,17 +328,18 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, kany, lo, hi, tlo
                 rows = min(BQ, T - i0)
                 rows4 = (rows + 3) // 4 * 4
                 s[:rows4] = 0
-                mm_nn(Qt[b, h, qt], KT[b, kh, t], s, rows4, Dp, BK)  # recompute s = q k^T
+                q_tile, do_tile = q_h[qt], do_h[qt]
+                mm_nn(q_tile, k_tile, s, rows4, Dp, BK)          # recompute s = q k^T
                 dp[:rows4] = 0
-                mm_nn(dOt[b, h, qt], VT[b, kh, t], dp, rows4, Dp, BK)  # dp = do v^T
+                mm_nn(do_tile, vT_tile, dp, rows4, Dp, BK)       # dp = do v^T
                 p[rows:rows4] = 0
                 ds[rows:rows4] = 0
                 for r in range(rows):
-                    _backward_row(s[r], dp[r], p[r], ds[r], j0, lo[i0 + r], hi[i0 + r], kvalid[b],
-                                  scale, cap, inv_cap, consts, lse[b, h, i0 + r], delta[b, h, i0 + r])
-                mm_tn(p, dOt[b, h, qt], dv_tile, BK, rows4, Dp)  # dv += p^T do
-                mm_tn(ds, Qt[b, h, qt], dk_tile, BK, rows4, Dp)  # dk += ds^T q
-                mm_nn(ds, Kt[b, kh, t], dq[b, h, qt], rows4, BK, Dp)  # dq += ds k
+                    _backward_row(s[r], dp[r], p[r], ds[r], j0, lo[i0 + r], hi[i0 + r], kv_b, full,
+                                  scale, cap, inv_cap, consts, lse_h[i0 + r], delta_h[i0 + r])
+                mm_tn(p, do_tile, dv_tile, BK, rows4, Dp)        # dv += p^T do
+                mm_tn(ds, q_tile, dk_tile, BK, rows4, Dp)        # dk += ds^T q
+                mm_nn(ds, kT_tile, dq_h[qt], rows4, BK, Dp)      # dq += ds k
 
 # ---------------------------------------------------------------------------- public wrappers
 
@@ -297,7 +352,7 @@ class FlashCache(NamedTuple):
     o: np.ndarray                                             # (B, H, T, Dh)
     lse: np.ndarray                                           # (B, H, T)
     kvalid: np.ndarray                                        # (B, nkt * BK) bool: a real key (padding and the tail past S are False)
-    kany: np.ndarray                                          # (B, nkt) bool: the key tile has a real key
+    ktile: np.ndarray                                         # (B, nkt) int8: 0 no real key in the tile, 1 some, 2 all
     lo: np.ndarray                                            # (T,) first visible key of each query
     hi: np.ndarray                                            # (T,) last visible key
     tlo: np.ndarray                                           # (nqt,) smallest lo of a query tile
@@ -357,16 +412,17 @@ def attention_forward(q, k, v, scale, cap=None, causal=False, window=None, rule=
     tlo, thi = _tile_bounds(lo, hi, S, nqt, BQ)
     kvalid = np.zeros((B, nkt * BK), dtype=bool)
     kvalid[:, :S] = True if key_mask is None else (np.asarray(key_mask) != 0)
-    kany = kvalid.reshape(B, nkt, BK).any(axis=2)
+    tiles = kvalid.reshape(B, nkt, BK)
+    ktile = (tiles.any(axis=2).astype(np.int8) + tiles.all(axis=2))      # 0 none, 1 some, 2 all real
     Qt = tile_rows(q, nqt, BQ, Dp)                            # (B, H, nqt, BQ, Dp)
     KT = _transpose_tiles(tile_rows(k, nkt, BK, Dp))          # (B, K, nkt, Dp, BK)
     Vt = tile_rows(v, nkt, BK, Dp)                            # (B, K, nkt, BK, Dp)
     o = np.empty((B, H, T, Dh), q.dtype)
     lse = np.empty((B, H, T), q.dtype)
     cap_ = dt(0 if cap is None else cap)
-    run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, kany, lo, hi, tlo, thi, T, dt(scale),
+    run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T, dt(scale),
               cap_, _consts(dt), o, lse)
-    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, kany, lo, hi, tlo, thi, S, scale, float(cap_))
+    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, ktile, lo, hi, tlo, thi, S, scale, float(cap_))
 
 
 def attention_backward(do, cache):
@@ -390,7 +446,7 @@ def attention_backward(do, cache):
     dq_part = np.zeros((n_lanes, B, H, nqt, BQ, Dp), c.o.dtype)
     dk_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
     dv_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
-    run_lanes(_backward_lane, n_lanes, c.Qt, dOt, c.KT, Kt, VT, c.kvalid, c.kany, c.lo, c.hi, c.tlo, c.thi,
+    run_lanes(_backward_lane, n_lanes, c.Qt, dOt, c.KT, Kt, VT, c.kvalid, c.ktile, c.lo, c.hi, c.tlo, c.thi,
               c.lse, delta, T, c.S, dt(c.scale), dt(c.cap), _consts(dt), dq_part, dk_t, dv_t)
     dq = dq_part[0] if n_lanes == 1 else dq_part.sum(axis=0)
     return _untile(dq, T, Dh), _untile(dk_t, c.S, Dh), _untile(dv_t, c.S, Dh)

@@ -11,7 +11,9 @@ the achieved GFLOP/s: `train_flops` counts the step's useful multiply-adds (x 2)
 number for all three, so the figure compares like with like.
 
 Threads: all three run at the benchmark's thread count (BLAS, Numba lanes and torch alike);
-torch also at 1 thread, and the faster of its two is kept (bench.torch_best_time).
+torch also at 1 thread, and the faster of its two is kept. The backends are timed in turns
+(numpy, numba, torch, numpy, ...) and the best of `repeat` turns is kept for each, so a
+change of load during the run hits all of them alike.
 """
 
 from __future__ import annotations
@@ -62,50 +64,77 @@ def _torch_model(config):
                                                         dtype=torch.float32)
 
 
-def train_step(name, quick, torch, measure):
+def train_step(quick, torch, names):
     """One training step (loss and every gradient), batch 8 x 256 / 256 (2 x 64 / 64 with --quick).
-    `measure(fn, torch)` -> (seconds, threads, peak bytes)."""
+    Returns {backend: step function}, tokens per call and FLOPs per call."""
     config, rng = small_config(), np.random.default_rng(0)
     B, S, T = (QUICK if quick else SMALL).values()
     ids, labels = rng.integers(3, 8192, (B, S)), rng.integers(3, 8192, (B, T))
-    if name == "torch":
-        model = _torch_model(config).train()
-        ti, tl = torch.from_numpy(ids), torch.from_numpy(labels)
+    fns = {}
+    for name in names:
+        if name == "torch":
+            tmodel = _torch_model(config).train()
+            ti, tl = torch.from_numpy(ids), torch.from_numpy(labels)
 
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ti, labels=tl, use_cache=False).loss.backward()
-    else:
-        model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
+            def step(model=tmodel):
+                model.zero_grad(set_to_none=True)
+                model(input_ids=ti, labels=tl, use_cache=False).loss.backward()
+        else:
+            model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
 
-        def step():
-            model.loss_and_grads(ids, labels)
-    seconds, threads, peak = measure(step, torch if name == "torch" else None)
-    flops = train_flops(config, B, S, T)
-    return {"seconds": seconds, "tokens_per_s": B * (S + T) / seconds, "gflops": flops / seconds / 1e9,
-            "threads": threads, "peak_rss_growth": peak}
+            def step(model=model):
+                model.loss_and_grads(ids, labels)
+        fns[name] = step
+    return fns, B * (S + T), train_flops(config, B, S, T)
 
 
-def generate(name, quick, torch, measure):
-    """Greedy generation of 128 new tokens (32 with --quick) from 256 input tokens, batch 1."""
+def generate(quick, torch, names):
+    """Greedy generation of 128 new tokens (32 with --quick) from 256 input tokens, batch 1.
+    Returns {backend: function}, new tokens per call and None (no FLOP count)."""
+    from minencdec.generate import generate as mgenerate
     config, rng = small_config(), np.random.default_rng(0)
     n_new = 32 if quick else 128
     ids = rng.integers(3, 8192, (1, 256))
-    if name == "torch":
-        model = _torch_model(config).eval()
-        ti = torch.from_numpy(ids)
+    fns = {}
+    for name in names:
+        if name == "torch":
+            tmodel = _torch_model(config).eval()
+            ti = torch.from_numpy(ids)
 
-        def run():
-            with torch.no_grad():
-                model.generate(input_ids=ti, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-    else:
-        from minencdec.generate import generate as mgenerate
-        model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
+            def run(model=tmodel):
+                with torch.no_grad():
+                    model.generate(input_ids=ti, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        else:
+            model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
 
-        def run():
-            mgenerate(model, ids, max_new_tokens=n_new, min_new_tokens=n_new)
-    seconds, threads, peak = measure(run, torch if name == "torch" else None)
-    return {"seconds": seconds, "tokens_per_s": n_new / seconds, "threads": threads, "peak_rss_growth": peak}
+            def run(model=model):
+                mgenerate(model, ids, max_new_tokens=n_new, min_new_tokens=n_new)
+        fns[name] = run
+    return fns, n_new, None
+
+
+def interleaved(fns, torch, threads, repeat, peak_rss_growth):
+    """Best seconds per call of each function, timed in turns (a, b, c, a, b, c, ...) so
+    that a change of load on a shared machine hits all of them alike; torch at `threads`
+    and at 1 thread, the faster kept. The first call of each (the warm-up) gives the growth
+    of peak resident memory. Returns {name: (seconds, threads, peak bytes)}."""
+    peaks = {name: peak_rss_growth(fn) for name, fn in fns.items()}
+    runs = [(name, th) for name in fns for th in ((threads, 1) if name == "torch" and threads > 1 else (threads,))]
+    best = {run: np.inf for run in runs}
+    for _ in range(repeat):
+        for name, th in runs:
+            if name == "torch":
+                torch.set_num_threads(th)
+            t = time.perf_counter()
+            fns[name]()
+            best[name, th] = min(best[name, th], time.perf_counter() - t)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    out = {}
+    for (name, th), seconds in best.items():
+        if name not in out or seconds < out[name][0]:
+            out[name] = (seconds, th, peaks[name])
+    return out
 
 
 def weight_read_floor(repeat=5):
@@ -127,24 +156,28 @@ def weight_read_floor(repeat=5):
     return best, sum(w.nbytes for w in used)
 
 
-def model_sections(quick, torch, measure, peak_gflops):
+def model_sections(quick, torch, peak_gflops, threads, repeat, peak_rss_growth):
     """Both sections for every backend, printed with their ratios."""
     out = {}
+    names = ["numpy", "numba"] + (["torch"] if torch is not None else [])
     for section in (train_step, generate):
-        names = ["numpy", "numba"] + (["torch"] if torch is not None else [])
-        res = {n: section(n, quick, torch, measure) for n in names}
-        out[section.__name__] = res
+        fns, tokens, flops = section(quick, torch, names)
+        timed = interleaved(fns, torch, threads, repeat, peak_rss_growth)
+        res = {}
         print(f"\n{section.__name__}: {section.__doc__.splitlines()[0]}")
-        for n, r in res.items():
-            line = f"  {n:6s} {r['seconds']:8.2f} s  {r['tokens_per_s']:8.1f} tokens/s"
-            if "gflops" in r:
+        for n, (seconds, th, peak) in timed.items():
+            r = res[n] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "threads": th, "peak_rss_growth": peak}
+            line = f"  {n:6s} {seconds:8.2f} s  {r['tokens_per_s']:8.1f} tokens/s"
+            if flops:
+                r["gflops"] = flops / seconds / 1e9
                 line += f"  {r['gflops']:6.1f} GFLOP/s ({100 * r['gflops'] / peak_gflops:3.0f}% of BLAS peak)"
-            mib = "-" if r["peak_rss_growth"] is None else f"{r['peak_rss_growth'] / 2**20:.0f}"
-            print(line + f"  peak RSS +{mib} MiB  ({r['threads']} thread{'s' * (r['threads'] > 1)})")
+            mib = "-" if peak is None else f"{peak / 2**20:.0f}"
+            print(line + f"  peak RSS +{mib} MiB  ({th} thread{'s' * (th > 1)})")
         fast = res["numba"]["seconds"]
-        ratios = {f"vs_{n}": res[n]["seconds"] / fast for n in names if n != "numba"}
-        res["ratios"] = ratios
-        print("  fast path: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in ratios.items()))
+        res["ratios"] = {f"vs_{n}": res[n]["seconds"] / fast for n in names if n != "numba"}
+        print("  fast path: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in res["ratios"].items())
+              + f" (best of {repeat}, timed in turns)")
+        out[section.__name__] = res
     floor, nbytes = weight_read_floor()
     out["generate"]["weight_read_floor_s"] = floor
     print(f"  memory floor: reading the {nbytes / 2**20:.0f} MiB of matrices a decode step uses takes "

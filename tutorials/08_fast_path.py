@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 
 from fastpath import attention as fast
-from fastpath.bench import peak_rss_growth, traced_peak
+from fastpath.measure import peak_rss_growth, traced_peak
 from fastpath.jit import jit_enabled
 from minencdec import attention as ref
 from minencdec.config import preset
@@ -637,7 +637,7 @@ print(*getattr(caught, "__notes__", []), sep="\n")                   # Hypothesi
 # counted, as the check below shows). So the traced peak covers the reference's arrays,
 # the kernel wrapper's tiled copies and per-thread dq buffers, and the kernels' own tile
 # scratch. It does not see memory that bypasses Python, like BLAS's internal buffers; the
-# growth of the process's peak resident set (`fastpath.bench.peak_rss_growth`) sees
+# growth of the process's peak resident set (`fastpath.measure.peak_rss_growth`) sees
 # everything, but the allocator may reuse pages it already holds, so we print it only.
 
 # %%

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from minencdec import T5GemmaConfig, T5GemmaModel, preset
+from minencdec.progress import Progress
 
 SMALL = dict(B=8, S=256, T=256)
 QUICK = dict(B=2, S=64, T=64)
@@ -113,21 +114,27 @@ def generate(quick, torch, names):
     return fns, n_new, None
 
 
-def interleaved(fns, torch, threads, repeat, peak_rss_growth):
+def interleaved(fns, torch, threads, repeat, peak_rss_growth, label="timing"):
     """Best seconds per call of each function, timed in turns (a, b, c, a, b, c, ...) so
     that a change of load on a shared machine hits all of them alike; torch at `threads`
     and at 1 thread, the faster kept. The first call of each (the warm-up) gives the growth
     of peak resident memory. Returns {name: (seconds, threads, peak bytes)}."""
-    peaks = {name: peak_rss_growth(fn) for name, fn in fns.items()}
     runs = [(name, th) for name in fns for th in ((threads, 1) if name == "torch" and threads > 1 else (threads,))]
+    bar = Progress(label, len(fns) + repeat * len(runs))
+    peaks = {}
+    for name, fn in fns.items():
+        peaks[name] = peak_rss_growth(fn)
+        bar.update(len(peaks), warming=name)
     best = {run: np.inf for run in runs}
-    for _ in range(repeat):
-        for name, th in runs:
+    for r in range(repeat):
+        for i, (name, th) in enumerate(runs):
             if name == "torch":
                 torch.set_num_threads(th)
             t = time.perf_counter()
             fns[name]()
             best[name, th] = min(best[name, th], time.perf_counter() - t)
+            bar.update(len(fns) + r * len(runs) + i + 1, timed=f"{name}@{th}")
+    bar.close()
     if torch is not None:
         torch.set_num_threads(threads)
     out = {}
@@ -162,7 +169,7 @@ def model_sections(quick, torch, peak_gflops, threads, repeat, peak_rss_growth):
     names = ["numpy", "numba"] + (["torch"] if torch is not None else [])
     for section in (train_step, generate):
         fns, tokens, flops = section(quick, torch, names)
-        timed = interleaved(fns, torch, threads, repeat, peak_rss_growth)
+        timed = interleaved(fns, torch, threads, repeat, peak_rss_growth, section.__name__)
         res = {}
         print(f"\n{section.__name__}: {section.__doc__.splitlines()[0]}")
         for n, (seconds, th, peak) in timed.items():

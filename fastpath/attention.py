@@ -227,6 +227,9 @@ def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T,
     l = np.empty(BQ, Qt.dtype)                                # running row sum
     for item in range(lane, n_items, n_lanes):                # round-robin over the lanes
         b, h, qt = item // (H * nqt), item // nqt % H, item % nqt
+        if item // nqt % 2:                                   # serpentine: with a causal mask the late
+            qt = nqt - 1 - qt                                 # tiles cost more, and plain round-robin
+                                                              # gave one lane every odd tile (6:4 at nqt 4)
         kh = h // G                                           # GQA: the kv head of query head h
         i0 = qt * BQ
         rows = min(BQ, T - i0)
@@ -311,6 +314,8 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tl
     ds = np.zeros((BQ, BK), Qt.dtype)
     for item in range(lane, n_items, n_lanes):
         b, kh, t = item // (K * nkt), item // nkt % K, item % nkt
+        if item // nkt % 2:                                   # serpentine, as in _forward_lane
+            t = nkt - 1 - t
         if not ktile[b, t]:
             continue                                          # dk, dv of padding stay 0
         j0 = t * BK

@@ -19,9 +19,10 @@ see `compile_all`), later processes load it. NUMBA_DISABLE_JIT=1 runs every kern
 plain Python (slow, but steppable in a debugger).
 
 Threads: a kernel that splits its work takes (lane, n_lanes, ...) and does every
-n_lanes-th work item from `lane` on (round-robin, so a causal mask's uneven tiles are
-shared evenly); `run_lanes` runs the lanes on Python threads (the kernels release the
-GIL), lane 0 on the caller's. n_lanes <= numba.get_num_threads() (NUMBA_NUM_THREADS,
+n_lanes-th work item from `lane` on (round-robin; the attention kernels also reverse the
+tile order of every other (batch, head), so a causal mask's uneven tiles are shared
+evenly); `run_lanes` runs the lanes on Python threads (the kernels release the GIL), lane 0
+on the caller's. n_lanes <= numba.get_num_threads() (NUMBA_NUM_THREADS,
 default: the number of cores). No Numba threading layer (prange) is used, deliberately:
  - with the OpenMP layer, a small parallel call took 8 ms on this shared 2-core machine
    under load (threads spinning at the barrier against other processes; 0.4 ms with the

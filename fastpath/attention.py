@@ -51,56 +51,12 @@ import numpy as np
 from minencdec import attention as reference
 
 from .jit import kernel, lanes, run_lanes
+from .masks import _check_description, dense_mask, visible_intervals  # noqa: F401  (dense_mask: public here)
 from .mathfn import exp, tanh
-from .tiles import mm_nn, mm_tn
+from .tiles import _round4, _transpose_tiles, _untile, mm_nn, mm_tn, tile_rows
 
 BLOCK = 64          # default BQ and BK: a 64 x 64 float32 score tile is 16 KiB, half of L1
 _DTYPES = (np.float32, np.float64)
-
-# ---------------------------------------------------------------------------- the mask description
-
-
-def _check_description(causal, window, rule, q_offset):
-    if rule not in ("le", "lt"):
-        raise ValueError(f"rule must be 'le' or 'lt', got {rule!r}")
-    if window is not None and (int(window) != window or window < 0):
-        raise ValueError(f"window must be None or an integer >= 0, got {window!r}")
-    if int(q_offset) != q_offset:
-        raise ValueError(f"q_offset must be an integer, got {q_offset!r}")
-
-
-def dense_mask(T, S, causal=False, window=None, rule="le", key_mask=None, q_offset=0):
-    """The reference's (B, T, S) bool mask for a description ((1, T, S) without key_mask):
-    True where query i (at position q_offset + i) may see key j."""
-    _check_description(causal, window, rule, q_offset)
-    i = np.arange(T)[:, None] + q_offset                      # (T, 1) query positions
-    j = np.arange(S)[None, :]                                 # (1, S) key positions
-    if causal:
-        allowed = j <= i
-        if window is not None:
-            allowed = allowed & (j > i - window)
-    elif window is None:
-        allowed = np.ones((T, S), dtype=bool)
-    else:
-        distance = np.abs(i - j)
-        allowed = distance <= window if rule == "le" else distance < window
-    return reference.with_key_padding(allowed, key_mask)      # (B, T, S) or (1, T, S)
-
-
-def visible_intervals(T, S, causal=False, window=None, rule="le", q_offset=0):
-    """lo, hi (T,) int64: query i sees keys lo[i] <= j <= hi[i] (before padding); lo > hi
-    means none. The same description as dense_mask, as intervals."""
-    pos = np.arange(T, dtype=np.int64) + q_offset
-    lo, hi = np.zeros(T, np.int64), np.full(T, S - 1, np.int64)
-    if causal:
-        hi = np.minimum(hi, pos)
-        if window is not None:
-            lo = np.maximum(lo, pos - window + 1)
-    elif window is not None:
-        w = window if rule == "le" else window - 1
-        lo, hi = np.maximum(lo, pos - w), np.minimum(hi, pos + w)
-    return lo, hi
-
 
 def _tile_bounds(lo, hi, S, n_tiles, tile):
     """Per query tile, the smallest lo and largest hi over its rows that see anything
@@ -110,31 +66,6 @@ def _tile_bounds(lo, hi, S, n_tiles, tile):
     lo_s = np.concatenate([np.where(seen, lo, S), np.full(pad, S, np.int64)])
     hi_s = np.concatenate([np.where(seen, hi, -1), np.full(pad, -1, np.int64)])
     return lo_s.reshape(n_tiles, tile).min(axis=1), hi_s.reshape(n_tiles, tile).max(axis=1)
-
-# ---------------------------------------------------------------------------- tiled layouts
-
-
-def _round4(n):
-    return (n + 3) // 4 * 4
-
-
-def tile_rows(x, n_tiles, tile, Dp):
-    """(B, N, L, Dh) -> (B, N, n_tiles, tile, Dp), zero-padded past L and Dh."""
-    B, N, L, Dh = x.shape
-    out = np.zeros((B, N, n_tiles * tile, Dp), x.dtype)
-    out[:, :, :L, :Dh] = x
-    return out.reshape(B, N, n_tiles, tile, Dp)
-
-
-def _transpose_tiles(x):
-    """(B, N, n_tiles, a, b) -> (B, N, n_tiles, b, a), contiguous."""
-    return np.ascontiguousarray(x.swapaxes(-1, -2))
-
-
-def _untile(x, L, Dh):
-    """(B, N, n_tiles, tile, Dp) -> (B, N, L, Dh)."""
-    B, N, n, tile, Dp = x.shape
-    return np.ascontiguousarray(x.reshape(B, N, n * tile, Dp)[:, :, :L, :Dh])
 
 # ---------------------------------------------------------------------------- kernels
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from minencdec import attention as reference
 
-from .attention import _check_description, _check_shapes, _covered, dense_mask, visible_intervals
+from .attention import _check_shapes, _covered
+from .masks import _check_description, dense_mask, visible_intervals
 from .jit import kernel, lanes, run_lanes
 from .mathfn import exp, tanh
 

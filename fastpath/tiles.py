@@ -1,4 +1,5 @@
-"""Small matrix products on tiles, the inner loops of the attention kernels.
+"""Small matrix products on tiles, the inner loops of the attention kernels, and the tiled
+layouts they read.
 
     mm_nn(A, B, C, M, Kd, N):  C[:M, :N] += A[:M, :Kd] @ B[:Kd, :N]
     mm_tn(A, B, C, M, Kd, N):  C[:M, :N] += A[:Kd, :M].T @ B[:Kd, :N]
@@ -11,10 +12,12 @@ GFLOP/s float32 (55-64 with N = 128) and 20-30 float64, against 7-20 for a tripl
 with the dot product innermost and 5-9 for scalar 4 x 4 register blocks (LLVM does not
 vectorise those). A reads as scalars, so reading it transposed (mm_tn) costs about the
 same: no tile is ever transposed.
-Both need contiguous 2-D arrays (tile views of the tiled layouts in attention.py are).
+Both need contiguous 2-D arrays (tile views of the tiled layouts below are).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .jit import kernel
 
@@ -53,3 +56,28 @@ def mm_tn(A, B, C, M, Kd, N):
                 c1[n] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
                 c2[n] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
                 c3[n] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+
+# ---------------------------------------------------------------------------- tiled layouts
+
+
+def _round4(n):
+    return (n + 3) // 4 * 4
+
+
+def tile_rows(x, n_tiles, tile, Dp):
+    """(B, N, L, Dh) -> (B, N, n_tiles, tile, Dp), zero-padded past L and Dh."""
+    B, N, L, Dh = x.shape
+    out = np.zeros((B, N, n_tiles * tile, Dp), x.dtype)
+    out[:, :, :L, :Dh] = x
+    return out.reshape(B, N, n_tiles, tile, Dp)
+
+
+def _transpose_tiles(x):
+    """(B, N, n_tiles, a, b) -> (B, N, n_tiles, b, a), contiguous."""
+    return np.ascontiguousarray(x.swapaxes(-1, -2))
+
+
+def _untile(x, L, Dh):
+    """(B, N, n_tiles, tile, Dp) -> (B, N, L, Dh)."""
+    B, N, n, tile, Dp = x.shape
+    return np.ascontiguousarray(x.reshape(B, N, n * tile, Dp)[:, :, :L, :Dh])

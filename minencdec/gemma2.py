@@ -73,6 +73,11 @@ def backward(dlogits, cache):
     """Gradients of every parameter (checkpoint names) given dL/dlogits."""
     stack_c, head_c = cache
     dh, dtable_head = lm_head_backward(dlogits, head_c)          # inverts the LM head
+    return _backward_below_head(dh, dtable_head, stack_c)
+
+
+def _backward_below_head(dh, dtable_head, stack_c):
+    """The stack, given the gradients the LM head sent back."""
     grads, _ = stack_backward(dh, stack_c)                       # inverts the stack
     grads[EMBED] = grads[EMBED] + dtable_head                    # the tied table: input and output use
     return grads
@@ -93,9 +98,7 @@ def loss_backward(cache):
     """Every parameter's gradient of the loss of `loss_forward`."""
     stack_c, head_c, kern = cache
     dh, dtable_head = kern.lm_head_loss_backward(head_c)         # inverts the loss and the LM head
-    grads, _ = stack_backward(dh, stack_c)                       # inverts the stack
-    grads[EMBED] = grads[EMBED] + dtable_head                    # the tied table: input and output use
-    return grads
+    return _backward_below_head(dh, dtable_head, stack_c)
 
 
 def shift_labels(labels):

@@ -114,6 +114,11 @@ def backward(dlogits, cache):
     output gradient is what all decoder layers' cross-attention sent back."""
     enc_c, dec_c, head_c = cache
     dh, dtable_head = lm_head_backward(dlogits, head_c)          # inverts the LM head
+    return _backward_below_head(dh, dtable_head, enc_c, dec_c)
+
+
+def _backward_below_head(dh, dtable_head, enc_c, dec_c):
+    """The decoder, then the encoder, given the gradients the LM head sent back."""
     grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
     grads[DEC_EMBED] = grads[DEC_EMBED] + dtable_head            # tied: the decoder table is also the head
     enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
@@ -137,10 +142,7 @@ def loss_backward(cache):
     """Every parameter's gradient of the loss of `loss_forward`, read as `backward`."""
     enc_c, dec_c, head_c, kern = cache
     dh, dtable_head = kern.lm_head_loss_backward(head_c)         # inverts the loss and the LM head
-    grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
-    grads[DEC_EMBED] = grads[DEC_EMBED] + dtable_head            # tied: the decoder table is also the head
-    enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
-    return {**enc_grads, **grads}
+    return _backward_below_head(dh, dtable_head, enc_c, dec_c)
 
 
 class T5GemmaModel:

@@ -7,13 +7,13 @@
     norm.rmsnorm_forward(x, w, eps) / norm.rmsnorm_backward(dy, cache)   same cache as layers.py
     lmhead.lm_head_cross_entropy(h, table, targets, cap) / lm_head_cross_entropy_backward(cache)
     mlp.mlp_forward(x, w_gate, w_up, w_down) / mlp.mlp_backward(dy, cache)   GeGLU middle in one pass
-    jit.compile_all()                                compile or load every kernel, timed
+    warmup.compile_all()                             compile or load every kernel, timed
     python -m fastpath.bench [--quick]               reference vs fast path vs torch, one run
 
 Each public function checks shapes and dtypes, and hands what it does not cover (dtypes
 other than float32 / float64, mixed dtypes) to the reference. The reference package imports
-this one only when backend="numba" is asked for (minencdec/backend.py); tests/test_fastpath.py
-holds every kernel to its reference, tests/test_backend.py the whole models.
+this one only when backend="numba" is asked for (minencdec/model/backend.py); tests/fastpath/test_fastpath.py
+holds every kernel to its reference, tests/model/test_backend.py the whole models.
 """
 
 import os as _os

@@ -1,6 +1,6 @@
 """Tiled attention with an online softmax (flash-attention), forward and backward, in Numba.
 
-Same math as `minencdec.attention.attention_forward/backward`:
+Same math as `minencdec.model.attention.attention_forward/backward`:
 
     o = softmax(softcap(q k^T * scale) masked) v         softcap(s) = cap tanh(s / cap)
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from minencdec import attention as reference
+from minencdec.model import attention as reference
 
 from .jit import kernel, lanes, run_lanes
 from .masks import _check_description, dense_mask, visible_intervals  # noqa: F401  (dense_mask: public here)

@@ -42,7 +42,8 @@ import sys
 import numpy as np
 
 from . import bench_kernels, bench_model
-from .jit import compile_all, lanes
+from .jit import lanes
+from .warmup import compile_all
 from .measure import _torch, best_time, peak_rss_growth
 
 # ---------------------------------------------------------------------------- sections

@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 
-from minencdec import attention as ref_attention
-from minencdec import gemma2 as ref_gemma2
-from minencdec import layers as ref_layers
-from minencdec import losses as ref_losses
+from minencdec.model import attention as ref_attention
+from minencdec.model import stack as ref_stack
+from minencdec.model import layers as ref_layers
+from minencdec.model import losses as ref_losses
 
 from . import attention as fast_attention
 from . import decode as fast_decode
@@ -149,9 +149,9 @@ def lm_head(quick):
     targets = rng.integers(0, V, N)
 
     def run_ref():
-        logits, head_c = ref_gemma2.lm_head_forward(h, table, 30.0)
+        logits, head_c = ref_stack.lm_head_forward(h, table, 30.0)
         loss, ce_c = ref_losses.cross_entropy_forward(logits, targets)
-        return ref_gemma2.lm_head_backward(ref_losses.cross_entropy_backward(ce_c), head_c)
+        return ref_stack.lm_head_backward(ref_losses.cross_entropy_backward(ce_c), head_c)
 
     def run_fast():
         loss, c = fast_lmhead.lm_head_cross_entropy(h, table, targets, 30.0)

@@ -18,12 +18,13 @@ change of load during the run hits all of them alike.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 
-from minencdec import T5GemmaConfig, T5GemmaModel, preset
-from minencdec.progress import Progress
+from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.t5gemma import T5GemmaModel
 
 SMALL = dict(B=8, S=256, T=256)
 QUICK = dict(B=2, S=64, T=64)
@@ -92,7 +93,7 @@ def train_step(quick, torch, names):
 def generate(quick, torch, names):
     """Greedy generation of 128 new tokens (32 with --quick) from 256 input tokens, batch 1.
     Returns {backend: function}, new tokens per call and None (no FLOP count)."""
-    from minencdec.generate import generate as mgenerate
+    from minencdec.model.generate import generate as mgenerate
     config, rng = small_config(), np.random.default_rng(0)
     n_new = 32 if quick else 128
     ids = rng.integers(3, 8192, (1, 256))
@@ -120,11 +121,14 @@ def interleaved(fns, torch, threads, repeat, peak_rss_growth, label="timing"):
     and at 1 thread, the faster kept. The first call of each (the warm-up) gives the growth
     of peak resident memory. Returns {name: (seconds, threads, peak bytes)}."""
     runs = [(name, th) for name in fns for th in ((threads, 1) if name == "torch" and threads > 1 else (threads,))]
-    bar = Progress(label, len(fns) + repeat * len(runs))
-    peaks = {}
+    total, peaks = len(fns) + repeat * len(runs), {}
+
+    def report(done, what):                  # one progress line per call on stderr: calls take seconds
+        print(f"{label}: {done}/{total} {what}", file=sys.stderr, flush=True)
+
     for name, fn in fns.items():
         peaks[name] = peak_rss_growth(fn)
-        bar.update(len(peaks), warming=name)
+        report(len(peaks), f"warmed up {name}")
     best = {run: np.inf for run in runs}
     for r in range(repeat):
         for i, (name, th) in enumerate(runs):
@@ -133,8 +137,7 @@ def interleaved(fns, torch, threads, repeat, peak_rss_growth, label="timing"):
             t = time.perf_counter()
             fns[name]()
             best[name, th] = min(best[name, th], time.perf_counter() - t)
-            bar.update(len(fns) + r * len(runs) + i + 1, timed=f"{name}@{th}")
-    bar.close()
+            report(len(fns) + r * len(runs) + i + 1, f"timed {name} at {th} thread(s)")
     if torch is not None:
         torch.set_num_threads(threads)
     out = {}
@@ -148,7 +151,7 @@ def weight_read_floor(repeat=5):
     """Seconds per generated token spent only reading the decoder's weights: one matrix-vector
     product per matrix a decode step uses (self q/k/v/o, cross q/o, gate/up/down, the LM
     head), nothing else. Batch-1 float32 decoding cannot be faster than this memory floor."""
-    from minencdec.t5gemma import DEC_EMBED
+    from minencdec.model.t5gemma import DEC_EMBED
     model = T5GemmaModel.random(small_config(), seed=0, dtype="float32")
     used = [w for n, w in model.params.items() if n.startswith("model.decoder.layers.") and w.ndim == 2
             and not (".cross_attn.k_proj" in n or ".cross_attn.v_proj" in n)]     # cross k/v: once per input

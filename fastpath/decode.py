@@ -9,7 +9,7 @@ and sums the values: O(S) memory per row, never T x S.
                                window=w, key_mask=valid, q_offset=q_pos - first_key_pos)
     cross-attention step:  decode_attention(q, enc_k, enc_v, scale, cap, key_mask=enc_mask)
 
-(minencdec.generate: q_offset = q_slots[0] - slots[0], key_mask = cache.valid[:, slots].)
+(minencdec.model.generate: q_offset = q_slots[0] - slots[0], key_mask = cache.valid[:, slots].)
 
 One step's attention is little arithmetic (B=1, 8 heads, 256 keys, Dh=64: 0.5 MFLOP) and
 reads the whole cache once, so it is bound by memory bandwidth, as NumPy's batched
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minencdec import attention as reference
+from minencdec.model import attention as reference
 
 from .attention import _check_shapes, _covered
 from .masks import _check_description, dense_mask, visible_intervals

@@ -15,7 +15,7 @@ gradient is formed at once, while its logits are in memory:
 so the peak is one chunk of logits, not N x V. The loss's gradient w.r.t. h and E is
 ready when the forward returns; the backward only scales it by dloss. Rows whose target
 is `ignore_index` count in neither the loss nor the gradient; n is the number of the
-others over the whole batch, as in `minencdec.losses.cross_entropy_forward` (which raises
+others over the whole batch, as in `minencdec.model.losses.cross_entropy_forward` (which raises
 when n = 0, and so does this).
 
 Axes: N rows (B*T), D width, V vocab, R rows per chunk.
@@ -24,7 +24,7 @@ Axes: N rows (B*T), D width, V vocab, R rows per chunk.
 from __future__ import annotations
 
 import numpy as np
-from minencdec.losses import IGNORE_INDEX
+from minencdec.model.losses import IGNORE_INDEX
 
 from .jit import kernel, lanes, run_lanes
 from .mathfn import exp, tanh

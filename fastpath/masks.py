@@ -9,7 +9,7 @@ description the keys a query sees form one interval [lo_i, hi_i] (before padding
 from __future__ import annotations
 
 import numpy as np
-from minencdec import attention as reference
+from minencdec.model import attention as reference
 
 
 def _check_description(causal, window, rule, q_offset):

@@ -18,7 +18,7 @@ forward; `fastpath.bench` and a loop timing are the only way to know.
     tanh(x) float64: x + x^3 P(x^2)/Q(x^2) for |x| <= 0.625 (Cephes tanh), else
               1 - 2 / (exp(2|x|) + 1) with the sign of x.
 
-Accuracy (tests/test_fastpath.py measures it against NumPy): exp within 2 ulp, tanh
+Accuracy (tests/fastpath/test_fastpath.py measures it against NumPy): exp within 2 ulp, tanh
 within 5 ulp (float32) and 2 ulp (float64). exp clamps its argument to the normal range
 of the type: exp(-inf) is the smallest normal number, not 0, so callers zero masked
 entries themselves (the attention kernels do).

@@ -1,6 +1,6 @@
 """The GeGLU MLP with its elementwise middle fused into one Numba pass, forward and backward.
 
-Same signatures as `minencdec.layers.mlp_forward/backward`:
+Same signatures as `minencdec.model.layers.mlp_forward/backward`:
 
     g = x Wg^T,  u = x Wu^T                              (N, F)  BLAS
     h = gelu_tanh(g) * u                                 (N, F)  one pass here
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from minencdec import layers as reference
+from minencdec.model import layers as reference
 
 from .jit import kernel, lanes, run_lanes
 from .mathfn import tanh

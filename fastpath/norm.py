@@ -1,6 +1,6 @@
 """RMSNorm forward and backward as one pass over each row, in Numba.
 
-Same signatures and the same cache as `minencdec.layers.rmsnorm_forward/backward`:
+Same signatures and the same cache as `minencdec.model.layers.rmsnorm_forward/backward`:
 
     y = x / sqrt(mean(x^2) + eps) * (1 + w),   cache = (xhat, rstd, w)
     dw = sum_rows(dy * xhat);  dx = rstd (dxhat - xhat mean(dxhat * xhat)),  dxhat = dy (1 + w)
@@ -16,7 +16,7 @@ Axes: N rows (every leading axis), D width.
 from __future__ import annotations
 
 import numpy as np
-from minencdec import layers as reference
+from minencdec.model import layers as reference
 
 from .jit import kernel, lanes, run_lanes
 

@@ -9,10 +9,10 @@ import os as _os
 # (the commands always are); a value already in the environment is kept.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .config import PRESETS, GemmaConfig, T5GemmaConfig, num_parameters, preset
-from .gemma2 import Gemma2Model
-from .pretrained import load_pretrained
-from .t5gemma import T5GemmaModel
+from .io.pretrained import load_pretrained
+from .model.config import PRESETS, GemmaConfig, T5GemmaConfig, num_parameters, preset
+from .model.gemma2 import Gemma2Model
+from .model.t5gemma import T5GemmaModel
 
 __all__ = ["PRESETS", "GemmaConfig", "T5GemmaConfig", "num_parameters", "preset", "Gemma2Model",
            "T5GemmaModel", "load_pretrained"]

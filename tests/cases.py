@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minencdec.config import FULL, SLIDING, GemmaConfig, T5GemmaConfig
+from minencdec.model.config import FULL, SLIDING, GemmaConfig, T5GemmaConfig
 
 PAD, EOS, BOS = 0, 1, 2
 IGNORE = -100                       # label value ignored by the loss

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minencdec.model import attention, generate, layers, stack
+
 # float64 against an independent float64 implementation (transformers made exact, einsum,
 # naive loops): both round differently, so agreement is ~1e-14; 1e-9 leaves room for deep
 # models and long reductions while still catching any real mistake (those are >= 1e-4).
@@ -76,3 +78,31 @@ def gradcheck(name, f, x, analytic, rng, samples=12, eps=1e-5, rtol=RTOL_FD):
     if not ok:
         raise AssertionError(f"gradient of {name} wrong: max rel error {err:.2e} > {rtol}\n"
                              f"numeric {numeric}\nanalytic {picked}")
+
+
+class MatmulCounter:
+    """Wraps linear_forward and attention_forward wherever the model looks them up, and adds
+    up the FLOPs of the arrays that really pass through."""
+
+    def __init__(self, monkeypatch):
+        self.dense = self.useful = 0
+        lin, att = layers.linear_forward, attention.attention_forward
+
+        def linear(x, w):
+            flops = 2 * int(np.prod(x.shape[:-1])) * w.shape[0] * w.shape[1]     # (m, k) x (k, n)
+            self.dense += flops
+            self.useful += flops
+            return lin(x, w)
+
+        def attend(q, k, v, mask, scale, cap):
+            B, H, T, Dh = q.shape
+            S = k.shape[2]
+            self.dense += 2 * (2 * B * H * T * S * Dh)                 # q k^T and p v
+            self.useful += 4 * H * Dh * int(np.broadcast_to(mask, (B, T, S)).sum())
+            return att(q, k, v, mask, scale, cap)
+
+        for module in (layers, attention, stack, generate):           # mlp, encoder, LM head, cache
+            monkeypatch.setattr(module, "linear_forward", linear)
+        # Every attention of the numpy backend (stack and KV cache) goes through
+        # attention.attention_forward_masked, which looks attention_forward up here.
+        monkeypatch.setattr(attention, "attention_forward", attend)

@@ -1,5 +1,5 @@
 """The live oracle for the tests: transformers' eager Gemma2 / T5Gemma models built on our
-parameters, run in true float64 under `minencdec.hf_oracle.float64_exact()` (its docstring
+parameters, run in true float64 under `minencdec.verify.hf_oracle.float64_exact()` (its docstring
 lists the float32 islands it patches).
 
 torch and transformers are imported inside functions, so importing this module (and
@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 
 # The float64 patch lives in the library (the comparison command uses it too).
-from minencdec.hf_oracle import float64_exact, patch_targets  # noqa: F401  (patch_targets: test_oracle)
+from minencdec.verify.hf_oracle import float64_exact, patch_targets  # noqa: F401  (patch_targets: test_oracle)
 
 # --------------------------------------------------------------------------- building and running
 
@@ -228,7 +228,7 @@ def param_shapes_from_hf(config, num_labels=None, is_encoder_decoder=True) -> di
     """Names and shapes of a freshly built transformers model (tied LM head excluded):
     Gemma2ForCausalLM / T5GemmaForConditionalGeneration, or with `num_labels` the
     sequence-classification model (T5Gemma: encoder-only unless `is_encoder_decoder`)."""
-    from minencdec.config import T5GemmaConfig
+    from minencdec.model.config import T5GemmaConfig
     from transformers import (Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                               T5GemmaForConditionalGeneration, T5GemmaForSequenceClassification)
     if isinstance(config, T5GemmaConfig):

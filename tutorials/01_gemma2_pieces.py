@@ -15,7 +15,7 @@
 # # 1. Gemma 2's small pieces: RMSNorm, GeGLU, RoPE, softcapping
 #
 # Every layer of Gemma 2 (and of the T5Gemma encoder and decoder built from it) is made of
-# four small pieces. Each lives in `minencdec/layers.py` as two pure functions side by side:
+# four small pieces. Each lives in `minencdec/model/layers.py` as two pure functions side by side:
 # `piece_forward(x, ...) -> (y, cache)` and `piece_backward(dy, cache) -> gradients`.
 # Here we run them, derive each backward by hand, and check every derivation with finite
 # differences. Nothing below re-implements a piece: we only call the library.
@@ -40,9 +40,9 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")                # running as a script: write files, open no window
 import matplotlib.pyplot as plt
 
-from minencdec.layers import (gelu_tanh_backward, gelu_tanh_forward, mlp_backward, mlp_forward,
-                              rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin,
-                              rope_forward, softcap_backward, softcap_forward)
+from minencdec.model.layers import (gelu_tanh_backward, gelu_tanh_forward, mlp_backward, mlp_forward,
+                                    rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin,
+                                    rope_forward, softcap_backward, softcap_forward)
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

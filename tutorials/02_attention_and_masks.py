@@ -15,7 +15,7 @@
 # # 2. Attention and its masks
 #
 # One function computes every attention in Gemma 2 and T5Gemma,
-# `minencdec.attention.attention_forward(q, k, v, mask, scale, cap)`:
+# `minencdec.model.attention.attention_forward(q, k, v, mask, scale, cap)`:
 #
 # $$ s = \mathrm{softcap}_{50}(q k^\top \cdot \text{scale}), \qquad
 #    s_{ij} = -\infty \text{ where the mask hides key } j, \qquad
@@ -43,11 +43,11 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")                # running as a script: write files, open no window
 import matplotlib.pyplot as plt
 
-from minencdec.attention import (attention_backward, attention_block_forward, attention_forward,
-                                 bidirectional_mask, causal_mask, with_key_padding)
-from minencdec.config import preset
-from minencdec.gemma2 import Gemma2Model, init_params, self_attention_masks
-from minencdec.layers import rmsnorm_forward, rope_cos_sin
+from minencdec.model.attention import (attention_backward, attention_block_forward, attention_forward,
+                                       bidirectional_mask, causal_mask, with_key_padding)
+from minencdec.model.config import preset
+from minencdec.model.gemma2 import Gemma2Model, init_params, self_attention_masks
+from minencdec.model.layers import rmsnorm_forward, rope_cos_sin
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

@@ -15,7 +15,7 @@
 # # 3. The decoder-only Gemma 2
 #
 # Tutorials 1 and 2 built the pieces; here they become the whole language model,
-# `minencdec.gemma2.Gemma2Model` (transformers' `Gemma2ForCausalLM`):
+# `minencdec.model.gemma2.Gemma2Model` (transformers' `Gemma2ForCausalLM`):
 #
 #     h      = E[ids] * sqrt(D)                                   embedding       (B, T, D)
 #     for each layer (sliding window on even layers, full on odd):
@@ -47,12 +47,12 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from minencdec import gemma2
-from minencdec.config import PRESETS, T5GemmaConfig, num_parameters, preset
-from minencdec.gemma2 import Gemma2Model, init_params, shift_labels
-from minencdec.losses import cross_entropy_forward
-from minencdec.optim import AdamW
-from minencdec.pretrained import load_pretrained
+from minencdec.model import gemma2
+from minencdec.model.config import PRESETS, T5GemmaConfig, num_parameters, preset
+from minencdec.model.gemma2 import Gemma2Model, init_params, shift_labels
+from minencdec.model.losses import cross_entropy_forward
+from minencdec.training.optim import AdamW
+from minencdec.io.pretrained import load_pretrained
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
@@ -177,7 +177,7 @@ for name in checked:
 #
 # A gradient is a prediction: a small step p -> p - lr g should lower the loss by about
 # lr * sum(g^2). We check that prediction with one plain SGD step, then take a few AdamW
-# steps (`minencdec.optim.AdamW`, torch's AdamW exactly) on the same batch and watch the
+# steps (`minencdec.training.optim.AdamW`, torch's AdamW exactly) on the same batch and watch the
 # loss fall. The optimiser updates `model.params` in place.
 
 # %%

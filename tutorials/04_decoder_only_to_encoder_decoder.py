@@ -49,13 +49,13 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from minencdec.adapt import adapt_params
-from minencdec.config import preset
-from minencdec.gemma2 import Gemma2Model, init_params
-from minencdec.losses import cross_entropy_forward
-from minencdec.optim import AdamW, FreezeSchedule
-from minencdec.pretrained import adapt_checkpoints, load_pretrained
-from minencdec.t5gemma import T5GemmaModel, cross_attention_names, shift_right
+from minencdec.model.adapt import adapt_params
+from minencdec.model.config import preset
+from minencdec.model.gemma2 import Gemma2Model, init_params
+from minencdec.model.losses import cross_entropy_forward
+from minencdec.training.optim import AdamW, FreezeSchedule
+from minencdec.io.pretrained import adapt_checkpoints, load_pretrained
+from minencdec.model.t5gemma import T5GemmaModel, cross_attention_names, shift_right
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

@@ -15,7 +15,7 @@
 # # 5. The objectives: PrefixLM, distillation, UL2
 #
 # An adapted encoder-decoder (tutorial 4) needs a task that gives the encoder something to
-# read and the decoder something to write. Every objective in `minencdec/objectives.py` is a
+# read and the decoder something to write. Every objective in `minencdec/training/objectives.py` is a
 # pure function from one row of token ids to a pair (encoder input, decoder target):
 #
 # | objective | encoder reads | decoder writes |
@@ -48,16 +48,16 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgb
 
-from minencdec.adapt import adapt_params
-from minencdec.config import preset
-from minencdec.gemma2 import Gemma2Model
-from minencdec.losses import distillation_backward, distillation_forward, log_softmax
-from minencdec.objectives import (UL2_DENOISERS, noise_counts, prefix_length, prefix_lm, prefix_lm_batch,
-                                  random_spans_noise_mask, ul2_batch, ul2_example)
-from minencdec.optim import AdamW
-from minencdec.t5gemma import T5GemmaModel, shift_right
-from minencdec.tasks import Seq2SeqTask
-from minencdec.tokenizer import train_tokenizer
+from minencdec.model.adapt import adapt_params
+from minencdec.model.config import preset
+from minencdec.model.gemma2 import Gemma2Model
+from minencdec.model.losses import distillation_backward, distillation_forward, log_softmax
+from minencdec.training.objectives import (UL2_DENOISERS, noise_counts, prefix_length, prefix_lm, prefix_lm_batch,
+                                           random_spans_noise_mask, ul2_batch, ul2_example)
+from minencdec.training.optim import AdamW
+from minencdec.model.t5gemma import T5GemmaModel, shift_right
+from minencdec.training.tasks import Seq2SeqTask
+from minencdec.io.tokenizer import train_tokenizer
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

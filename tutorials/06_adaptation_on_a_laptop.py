@@ -49,14 +49,14 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")                # running as a script: write files, open no window
 import matplotlib.pyplot as plt
 
-from minencdec import data
-from minencdec.config import preset
-from minencdec.gemma2 import Gemma2Model
-from minencdec.losses import cross_entropy_forward
-from minencdec.pretrained import adapt_checkpoints, load_pretrained
-from minencdec.tasks import CausalLMTask, Seq2SeqTask
-from minencdec.tokenizer import train_tokenizer
-from minencdec.train import TrainConfig, evaluate, train
+from minencdec.training import data
+from minencdec.model.config import preset
+from minencdec.model.gemma2 import Gemma2Model
+from minencdec.model.losses import cross_entropy_forward
+from minencdec.io.pretrained import adapt_checkpoints, load_pretrained
+from minencdec.training.tasks import CausalLMTask, Seq2SeqTask
+from minencdec.io.tokenizer import train_tokenizer
+from minencdec.training.train import TrainConfig, evaluate, train
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

@@ -17,7 +17,7 @@
 # A language model generates one token at a time, and recomputing the whole sequence for
 # every new token would cost O(n^2) layers' work. A **KV cache** keeps what earlier tokens
 # contribute (their attention keys and values), so each step runs the layers on the new
-# token only. `minencdec/generate.py` does this with the same layer code as the training
+# token only. `minencdec/model/generate.py` does this with the same layer code as the training
 # forward:
 #
 #     state, logits = start(model, input_ids)   # the prompt (Gemma 2), or the encoder + bos (T5Gemma)
@@ -46,11 +46,11 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")                # running as a script: write files, open no window
 import matplotlib.pyplot as plt
 
-from minencdec import generate
-from minencdec.config import T5GemmaConfig, preset
-from minencdec.efficiency import flops, measure, paper_models, random_model, tiny_models
-from minencdec.gemma2 import Gemma2Model
-from minencdec.t5gemma import T5GemmaModel
+from minencdec.model import generate
+from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.efficiency import flops, measure, paper_models, random_model, tiny_models
+from minencdec.model.gemma2 import Gemma2Model
+from minencdec.model.t5gemma import T5GemmaModel
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

@@ -26,7 +26,7 @@
 # The fast path sits beside the reference with almost the same signature; only the mask
 # changes form, from a dense (B, T, S) array to a *description*:
 #
-#     minencdec.attention.attention_forward(q, k, v, mask, scale, cap)
+#     minencdec.model.attention.attention_forward(q, k, v, mask, scale, cap)
 #     fastpath.attention.attention_forward(q, k, v, scale, cap, causal, window, rule, key_mask, q_offset)
 #
 # and `fastpath.attention.dense_mask(T, S, causal, window, ...)` turns a description into
@@ -58,8 +58,8 @@ from matplotlib.colors import ListedColormap
 from fastpath import attention as fast
 from fastpath.measure import peak_rss_growth, traced_peak
 from fastpath.jit import jit_enabled
-from minencdec import attention as ref
-from minencdec.config import preset
+from minencdec.model import attention as ref
+from minencdec.model.config import preset
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
@@ -339,7 +339,7 @@ fig.savefig(FIG / "08_tiles.png", dpi=110)
 # **The first call compiles.** Numba compiles a kernel for each dtype the first time it
 # runs, which takes seconds; `cache=True` writes the machine code under
 # `fastpath/__pycache__`, and later processes load it in a fraction of a second (until the
-# source changes). `fastpath.jit.compile_all()` does this for every kernel up front. For
+# source changes). `fastpath.warmup.compile_all()` does this for every kernel up front. For
 # stepping through a kernel in a debugger, `NUMBA_DISABLE_JIT=1` runs them as plain Python.
 
 # %%
@@ -483,7 +483,7 @@ assert kept_fast < kept_ref / 2
 #
 # A handful of hand-picked cases cannot cover the ways a tiled kernel goes wrong: a window
 # one key too wide, an off-by-one at the last tile, a q_offset, a head dimension that is
-# not a multiple of 4, a batch row that is all padding. `tests/test_fastpath.py` lets
+# not a multiple of 4, a batch row that is all padding. `tests/fastpath/test_fastpath.py` lets
 # [Hypothesis](https://hypothesis.readthedocs.io) draw them. Its strategy `attention_cases`
 # draws the dtype, B, K and the GQA ratio (1, 2, 4), a head dimension of 1 to 12, the mask kind
 # (causal with a q_offset and S = T + offset or not, bidirectional with windows shorter and
@@ -765,9 +765,9 @@ fig.savefig(FIG / "08_timing.png", dpi=110)
 #   cross-entropy (`fastpath/lmhead.py`, which avoids the (N, V) logits array the way this
 #   kernel avoids the T x S one), and whole training steps; it prints the load average,
 #   because on a shared machine only ratios from one run mean anything.
-# - `python -m pytest tests/test_fastpath.py` runs the property tests (set
+# - `python -m pytest tests/fastpath/test_fastpath.py` runs the property tests (set
 #   `HYPOTHESIS_PROFILE=deep` for 500 examples each).
-# - `python -m pytest tests/test_backend.py` holds whole models on the fast path to the
+# - `python -m pytest tests/model/test_backend.py` holds whole models on the fast path to the
 #   reference: logits, loss, every gradient, the classifier and generation.
 #
 # ## The whole model on the fast path

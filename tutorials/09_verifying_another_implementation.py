@@ -19,7 +19,7 @@
 # every mistake ends up there, mixed with everything else. Comparing **every sublayer's
 # output** can: the first one that disagrees is where the bug is.
 #
-# `minencdec/verify.py` defines a dump format (one safetensors file holding the inputs and
+# `minencdec/verify/dumps.py` defines a dump format (one safetensors file holding the inputs and
 # every activation under fixed names), writes dumps of minencdec and of transformers, and
 # prints a per-sublayer report. Here we verify three "foreign" implementations against it:
 # a port with a planted bug, transformers made exact, and transformers as it ships.
@@ -46,10 +46,12 @@ if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")                # running as a script: write files, open no window
 import matplotlib.pyplot as plt
 
-from minencdec import cli, stack, verify
-from minencdec.config import T5GemmaConfig, preset
-from minencdec.layers import rmsnorm_forward
-from minencdec.t5gemma import T5GemmaModel
+from minencdec import cli
+from minencdec.model import stack
+from minencdec import verify
+from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.layers import rmsnorm_forward
+from minencdec.model.t5gemma import T5GemmaModel
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

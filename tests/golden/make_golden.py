@@ -13,7 +13,7 @@ Each `<stem>.safetensors` (float64 / int64, safetensors.numpy) holds
   "pooled_index" (classification),
 and metadata: format_version, case, kind, options, config (transformers config.json JSON),
 param_std, transformers_version, torch_version. `tests/cases.py: load_golden(stem)` reads
-them; `tests/test_oracle.py` checks them against cases.py and against a live run.
+them; `tests/model/test_oracle.py` checks them against cases.py and against a live run.
 
 Everything is deterministic: parameters and inputs come from tests/cases.py's seeded
 generators, and the oracle runs float64 on CPU.

@@ -1,0 +1,110 @@
+"""The `minencdec` command. Each subcommand is a thin shell over a library function.
+
+    minencdec presets                          the paper's model sizes and parameter counts
+    minencdec info DIR_OR_PRESET               a checkpoint's (or preset's) config and size
+    minencdec adapt --encoder-from DIR --decoder-from DIR --out DIR [--cross-attn auto|copy|random]
+    minencdec dump / compare                   verify another implementation, layer by layer
+    minencdec generate --model DIR --prompt "..."   stream a continuation (KV caches)
+    minencdec efficiency [--out DIR]           FLOPs and latency: decoder-only vs encoder-decoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minencdec.io import progress
+from minencdec.io.pretrained import adapt_checkpoints, read_model_config
+from minencdec.model.config import PRESETS, T5GemmaConfig, num_parameters
+
+from . import demo, efficiency, generate, train, verify
+
+
+def cmd_presets(args):
+    print(f"{'preset':<10} {'layers':>6} {'d_model':>7} {'ffn':>6} {'heads':>5} {'kv':>3} {'head_dim':>8} "
+          f"{'decoder-only':>14} {'enc-dec (X-X)':>15}")
+    for name, c in PRESETS.items():
+        print(f"{name:<10} {c.num_hidden_layers:>6} {c.hidden_size:>7} {c.intermediate_size:>6} "
+              f"{c.num_attention_heads:>5} {c.num_key_value_heads:>3} {c.head_dim:>8} "
+              f"{num_parameters(c):>14,} {num_parameters(T5GemmaConfig(c, c)):>15,}")
+    print(f"9b-2b enc-dec: {num_parameters(T5GemmaConfig(PRESETS['gemma2-9b'], PRESETS['gemma2-2b'])):,}")
+    return 0
+
+
+def cmd_info(args):
+    if args.target in PRESETS:
+        kind, cfg = "gemma2 preset", PRESETS[args.target]
+    else:
+        kind, cfg = read_model_config(args.target)
+    print(f"{args.target}: {kind}, {num_parameters(cfg):,} parameters (tied LM head counted once)")
+    stacks = [("encoder", cfg.encoder), ("decoder", cfg.decoder)] if isinstance(cfg, T5GemmaConfig) else [("model", cfg)]
+    for label, c in stacks:
+        print(f"  {label}: {c.num_hidden_layers} layers, width {c.hidden_size}, ffn {c.intermediate_size}, "
+              f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv, head_dim {c.head_dim}, "
+              f"vocab {c.vocab_size}, window {c.sliding_window}, softcaps "
+              f"{c.attn_logit_softcapping}/{c.final_logit_softcapping}")
+    return 0
+
+
+def cmd_adapt(args):
+    config, mode = adapt_checkpoints(args.encoder_from, args.decoder_from, args.out, args.cross_attn,
+                                     args.seed, args.dtype, args.save_dtype, progress.callback("loading"))
+    print(f"wrote {args.out}: T5Gemma {config.encoder.num_hidden_layers}+{config.decoder.num_hidden_layers} "
+          f"layers, widths {config.encoder.hidden_size}/{config.decoder.hidden_size}, cross-attention {mode}, "
+          f"{num_parameters(config):,} parameters")
+    if mode == "random":
+        print("cross-attention is random: warm it up alone first (train with only "
+              "t5gemma.cross_attention_names(config) unfrozen, ~1000 steps in the paper)")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="minencdec", description=(
+        "A readable NumPy reference of Gemma 2 and Encoder-Decoder Gemma (T5Gemma): "
+        "load Hugging Face checkpoints, adapt decoder-only models into encoder-decoders, "
+        "and verify other implementations layer by layer."))
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="BLAS threads (default 1: minencdec's matrices are small, and on a shared "
+                        "2-core machine two threads ran training at half the speed of one)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("presets", help="list the paper's model sizes with exact parameter counts")
+    s.set_defaults(func=cmd_presets)
+    s = sub.add_parser("info", help="show a checkpoint's (or a preset's) configuration and size")
+    s.add_argument("target", help="a checkpoint directory or a preset name")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("adapt", help="turn Gemma 2 checkpoint(s) into a T5Gemma checkpoint (paper sec. 3.2)")
+    s.add_argument("--encoder-from", required=True, help="Gemma 2 checkpoint for the encoder (the larger model)")
+    s.add_argument("--decoder-from", required=True, help="Gemma 2 checkpoint for the decoder (the smaller model)")
+    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--cross-attn", default="auto", choices=("auto", "copy", "random"),
+                   help="copy self-attention (equal widths) or random init; auto picks (default)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random cross-attention")
+    s.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="working precision")
+    s.add_argument("--save-dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"),
+                   help="precision of the written tensors (default: the working precision)")
+    s.set_defaults(func=cmd_adapt)
+    verify.add_commands(sub)                              # dump, compare
+    generate.add_commands(sub)                            # generate
+    efficiency.add_command(sub)                           # efficiency
+    train.add_commands(sub)                               # pretrain, train, finetune
+    demo.add_commands(sub)                                # demo
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from threadpoolctl import threadpool_limits
+    try:
+        with threadpool_limits(limits=max(args.blas_threads, 1), user_api="blas"):
+            result = args.func(args)
+        return result if isinstance(result, int) else 0     # training commands return their model
+    except (ValueError, OSError) as e:                    # CheckpointError is a ValueError
+        print(f"minencdec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

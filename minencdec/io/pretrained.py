@@ -1,0 +1,122 @@
+"""Hugging Face checkpoint directories in and out: the model kind is read from config.json.
+
+    load_pretrained("dir", dtype="float64")   -> Gemma2Model or T5GemmaModel
+    adapt_checkpoints(enc_dir, dec_dir, out)  -> writes a T5Gemma directory
+
+Everything is checked before anything is read or written (minencdec/files/checkpoint.py
+does the tensor-level checks); a failure leaves no half-loaded model and no half-written directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from minencdec.files.checkpoint import CONFIG_FILE, CheckpointError, load_tensors, read_config, save_tensors
+from minencdec.model import gemma2, t5gemma
+from minencdec.model.adapt import adapt_params
+from minencdec.model.backend import check_backend
+from minencdec.model.classify import Classifier
+from minencdec.model.config import GemmaConfig, T5GemmaConfig
+from minencdec.model.stack import GEMMA2, T5_ENCODER, stack_param_shapes
+from minencdec.model.validate import resolve_dtype
+
+# Files beside the weights that belong to the model and travel with it.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_classifier(raw: dict) -> bool:
+    """Whether a config.json dict describes a *ForSequenceClassification checkpoint."""
+    return any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
+
+
+def checkpoint_kind(config: dict) -> str:
+    """"gemma2" (Gemma2ForCausalLM) or "t5gemma" (T5GemmaForConditionalGeneration)."""
+    model_type, archs = config.get("model_type"), config.get("architectures") or []
+    if model_type in ("gemma2", "t5gemma"):
+        return model_type
+    if model_type is None and isinstance(archs, list):
+        for arch in map(str, archs):
+            if arch.startswith("Gemma2"):
+                return "gemma2"
+            if arch.startswith("T5Gemma"):
+                return "t5gemma"
+    raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} (architectures {archs!r}) is "
+                          "neither Gemma 2 ('gemma2') nor T5Gemma ('t5gemma')")
+
+
+def read_model_config(path, raw=None):
+    """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory (`raw`: its
+    config.json already read)."""
+    raw = read_config(path) if raw is None else raw
+    kind = checkpoint_kind(raw)
+    source = os.path.join(str(path), "config.json")
+    try:
+        cfg = GemmaConfig.from_hf_dict(raw, source) if kind == "gemma2" else T5GemmaConfig.from_hf_dict(raw, source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return kind, cfg
+
+
+def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="numpy"):
+    """Load a Gemma2ForCausalLM or T5GemmaForConditionalGeneration directory.
+
+    `expect` ("gemma2" / "t5gemma") turns a checkpoint of the other kind into a clear error.
+    Weights are converted tensor by tensor, so memory holds one copy (plus one tensor).
+    backend: "numpy" (the reference) or "numba" (the fast path), see backend.py."""
+    dtype, backend = resolve_dtype(dtype), check_backend(backend)
+    raw = read_config(path)
+    kind, cfg = read_model_config(path, raw)
+    if expect is not None and kind != expect:
+        want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
+                "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
+        raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
+    if is_classifier(raw):
+        return _load_classifier(path, raw, kind, cfg, dtype, progress, backend)
+    module = gemma2 if kind == "gemma2" else t5gemma
+    cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
+    params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
+    return cls(cfg, params, dtype, backend)
+
+
+def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
+    """A Gemma2ForSequenceClassification or (encoder-only) T5GemmaForSequenceClassification."""
+    if kind == "t5gemma" and raw.get("is_encoder_decoder", True):
+        raise CheckpointError(f"{path}: T5Gemma classification with is_encoder_decoder=true is not "
+                              "supported (minencdec classifies from the encoder, the paper's setup)")
+    num_labels = len(raw.get("id2label") or {}) or raw.get("num_labels") or 2
+    stack = cfg.encoder if kind == "t5gemma" else cfg
+    names = T5_ENCODER if kind == "t5gemma" else GEMMA2
+    shapes = stack_param_shapes(stack, names)
+    head = "score.out_proj." if kind == "t5gemma" else "score."
+    shapes[head + "weight"] = (num_labels, stack.hidden_size)
+    if kind == "t5gemma":
+        shapes[head + "bias"] = (num_labels,)
+    params = load_tensors(path, shapes, dtype, progress=progress)
+    return Classifier(kind, stack, params, num_labels, dtype, backend)
+
+
+def _tokenizer_files(path):
+    out = {}
+    for name in TOKENIZER_FILES:
+        full = os.path.join(str(path), name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def adapt_checkpoints(encoder_from, decoder_from, out, cross_attn="auto", seed=0, dtype="float32",
+                      save_dtype=None, progress=None):
+    """Read two Gemma 2 checkpoints (or one twice), write the adapted T5Gemma checkpoint to
+    `out` atomically, carrying the decoder source's tokenizer files along. Returns
+    (config, mode). A balanced pair given as one directory is read only once."""
+    enc = load_pretrained(encoder_from, dtype, expect="gemma2", progress=progress)
+    same = os.path.realpath(str(encoder_from)) == os.path.realpath(str(decoder_from))
+    dec = enc if same else load_pretrained(decoder_from, dtype, expect="gemma2", progress=progress)
+    config, params, mode = adapt_params(enc.params, enc.config, dec.params, dec.config, cross_attn, seed)
+    hf = config.to_hf_dict()
+    hf["minencdec_adaptation"] = {"encoder_from": os.path.abspath(str(encoder_from)),
+                                  "decoder_from": os.path.abspath(str(decoder_from)),
+                                  "cross_attn": mode, "seed": seed}
+    save_tensors(out, params, hf, dtype=save_dtype, extra_files=_tokenizer_files(decoder_from))
+    return config, mode

@@ -1,0 +1,188 @@
+"""A Gemma 2 stack: scaled embedding, layers of sandwich-normed sublayers, final RMSNorm.
+
+The same code runs the decoder-only model, the T5Gemma encoder (bidirectional masks) and
+the T5Gemma decoder (causal masks plus a cross-attention sublayer). Only the tensor names
+of the norms differ, so a `Names` record says which checkpoint names a stack uses.
+
+Every sublayer is a sandwich:  h = h + post_norm(sublayer(pre_norm(h))).
+
+Axes: B batch, T length, S encoder length, D model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attention import attention_block_backward, attention_block_forward
+from .backend import kernels as backend_kernels
+from .config import GemmaConfig
+from .layers import (embedding_backward, embedding_forward, linear_backward, linear_forward, rope_cos_sin,
+                     softcap_backward, softcap_forward)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Checkpoint names of one stack: its prefix and the norms around each sublayer."""
+
+    prefix: str                 # "model." (Gemma 2) or "model.encoder." / "model.decoder."
+    self_attn: tuple[str, str]  # (pre norm, post norm) around self-attention
+    mlp: tuple[str, str] = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+    cross_attn: tuple[str, str] | None = None  # decoder of T5Gemma only
+    record_prefix: str = ""     # prefix of the names under which activations are recorded
+
+
+GEMMA2 = Names("model.", ("input_layernorm", "post_attention_layernorm"))
+T5_ENCODER = Names("model.encoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
+                   record_prefix="encoder.")
+T5_DECODER = Names("model.decoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
+                   cross_attn=("pre_cross_attn_layernorm", "post_cross_attn_layernorm"),
+                   record_prefix="decoder.")
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def stack_param_shapes(c: GemmaConfig, names: Names) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the stack, named as in the checkpoint, with its (out, in) shape."""
+    D, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {f"{names.prefix}embed_tokens.weight": (c.vocab_size, D)}
+    for i in range(c.num_hidden_layers):
+        p = f"{names.prefix}layers.{i}."
+        norms = names.self_attn + names.mlp + (names.cross_attn or ())
+        shapes.update({f"{p}{n}.weight": (D,) for n in norms})
+        shapes.update({f"{p}self_attn.q_proj.weight": (q, D), f"{p}self_attn.k_proj.weight": (kv, D),
+                       f"{p}self_attn.v_proj.weight": (kv, D), f"{p}self_attn.o_proj.weight": (D, q)})
+        if names.cross_attn:
+            Ds = c.cross_attention_hidden_size
+            shapes.update({f"{p}cross_attn.q_proj.weight": (q, D), f"{p}cross_attn.k_proj.weight": (kv, Ds),
+                           f"{p}cross_attn.v_proj.weight": (kv, Ds), f"{p}cross_attn.o_proj.weight": (D, q)})
+        shapes.update({f"{p}mlp.gate_proj.weight": (c.intermediate_size, D),
+                       f"{p}mlp.up_proj.weight": (c.intermediate_size, D),
+                       f"{p}mlp.down_proj.weight": (D, c.intermediate_size)})
+    shapes[f"{names.prefix}norm.weight"] = (D,)
+    return shapes
+
+
+def init_weights(shapes, seed=0, dtype="float32", std=0.02) -> dict:
+    """Random weights as transformers initialises them: normal(0, std) matrices and RMSNorm
+    offsets 0 (each norm starts as the identity scale 1 + 0). Works for any model's shapes."""
+    rng = np.random.default_rng(seed)
+    return {name: (np.zeros(shape) if len(shape) == 1 else rng.normal(0.0, std, shape)).astype(dtype)
+            for name, shape in shapes.items()}
+
+
+def _sandwich_forward(kern, h, w_pre, w_post, eps, sublayer, *args):
+    """h + post_norm(sublayer(pre_norm(h), *args)). Returns the new h, the sublayer's
+    normed output z (what is added to the residual stream) and the cache."""
+    x, pre_c = kern.rmsnorm_forward(h, w_pre, eps)               # (B, T, D)
+    y, sub_c = sublayer(x, *args)                                # (B, T, D)
+    z, post_c = kern.rmsnorm_forward(y, w_post, eps)             # (B, T, D)
+    return h + z, z, (pre_c, sub_c, post_c)
+
+
+def _sandwich_backward(kern, dh, cache, sublayer_backward):
+    """Returns dh_in, d(pre norm w), the sublayer's other gradients, d(post norm w)."""
+    pre_c, sub_c, post_c = cache
+    dy, dw_post = kern.rmsnorm_backward(dh, post_c)              # inverts z = post_norm(y)
+    dx, *sub_grads = sublayer_backward(dy, sub_c)                # inverts y = sublayer(x)
+    dh_sub, dw_pre = kern.rmsnorm_backward(dx, pre_c)            # inverts x = pre_norm(h)
+    return dh + dh_sub, dw_pre, sub_grads, dw_post               # the residual fans dh out to both paths
+
+
+def _self_attention_forward(x, w, mask, c: GemmaConfig, rope, kern):
+    """Queries, keys and values all read x; RoPE on queries and keys."""
+    return attention_block_forward(x, x, w, mask, c.num_attention_heads, c.num_key_value_heads,
+                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern)
+
+
+def _self_attention_backward(dy, cache):
+    dx, dsource, dws = attention_block_backward(dy, cache)
+    return dx + dsource, dws                                     # x fed queries and keys/values: add
+
+
+def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig, kern):
+    """Keys and values from the encoder output; no RoPE, never windowed, still softcapped."""
+    return attention_block_forward(x, enc_out, w, mask, c.num_attention_heads, c.num_key_value_heads,
+                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None, kern)
+
+
+def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None, backend="numpy"):
+    """Run a stack. ids (B, T); masks: one self-attention mask per layer (an
+    `attention.Mask` description, or a (B, T, T) bool array on the numpy backend);
+    cross: (encoder_out (B, S, Ds), cross_mask) for a T5Gemma decoder.
+    Returns the final-normed hidden states (B, T, D) and the cache for `stack_backward`.
+    `record`, if a dict, receives every sublayer's output (the verification dumps).
+    backend: "numpy" (the reference) or "numba" (the fast path, see backend.py)."""
+    kern = backend_kernels(backend)
+    rec = record if record is not None else {}
+    P, r = names.prefix, names.record_prefix
+    dtype = params[f"{P}embed_tokens.weight"].dtype
+    T = ids.shape[1]
+    rope = rope_cos_sin(np.arange(T), c.head_dim, c.rope_theta, dtype)     # (T, Dh) each
+    h, emb_c = embedding_forward(ids, params[f"{P}embed_tokens.weight"], c.pad_token_id)   # (B, T, D)
+    rec[f"{r}embed"] = h
+    layer_caches = []
+    for i in range(c.num_hidden_layers):
+        p, eps = f"{P}layers.{i}.", c.rms_norm_eps
+        norm = lambda n: params[f"{p}{n}.weight"]                # noqa: E731  (a layer's norm weight)
+        attn = {n: params[f"{p}self_attn.{n}.weight"] for n in _ATTN}
+        h, z, self_c = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps,
+                                         _self_attention_forward, attn, masks[i], c, rope, kern)
+        rec[f"{r}layers.{i}.self_attn"] = z
+        cross_c = None
+        if names.cross_attn:
+            enc_out, cross_mask = cross
+            xattn = {n: params[f"{p}cross_attn.{n}.weight"] for n in _ATTN}
+            h, z, cross_c = _sandwich_forward(kern, h, *map(norm, names.cross_attn), eps,
+                                              _cross_attention_forward, enc_out, xattn, cross_mask, c, kern)
+            rec[f"{r}layers.{i}.cross_attn"] = z
+        mlp = [params[f"{p}mlp.{n}.weight"] for n in _MLP]
+        h, z, mlp_c = _sandwich_forward(kern, h, *map(norm, names.mlp), eps, kern.mlp_forward, *mlp)
+        rec[f"{r}layers.{i}.mlp"] = z
+        rec[f"{r}layers.{i}"] = h                                # the layer's output
+        layer_caches.append((self_c, cross_c, mlp_c))
+    out, norm_c = kern.rmsnorm_forward(h, params[f"{P}norm.weight"], c.rms_norm_eps)
+    rec[f"{r}norm"] = out
+    return out, (c, names, kern, emb_c, layer_caches, norm_c)
+
+
+def stack_backward(dout, cache):
+    """Gradients of every stack tensor (a dict, checkpoint names) and, for a decoder,
+    the gradient of the encoder output: the sum of every layer's cross-attention part."""
+    c, names, kern, emb_c, layer_caches, norm_c = cache
+    P = names.prefix
+    grads = {}
+    dh, grads[f"{P}norm.weight"] = kern.rmsnorm_backward(dout, norm_c)   # inverts the final norm
+    d_enc = 0.0
+    for i in reversed(range(c.num_hidden_layers)):                  # the layers, bottom-up
+        p = f"{P}layers.{i}."
+        self_c, cross_c, mlp_c = layer_caches[i]
+        dh, dw_pre, dws, dw_post = _sandwich_backward(kern, dh, mlp_c, kern.mlp_backward)
+        grads[f"{p}{names.mlp[0]}.weight"], grads[f"{p}{names.mlp[1]}.weight"] = dw_pre, dw_post
+        for n, dw in zip(_MLP, dws):
+            grads[f"{p}mlp.{n}.weight"] = dw
+        if cross_c is not None:
+            dh, dw_pre, (d_src, dws), dw_post = _sandwich_backward(kern, dh, cross_c, attention_block_backward)
+            grads[f"{p}{names.cross_attn[0]}.weight"], grads[f"{p}{names.cross_attn[1]}.weight"] = dw_pre, dw_post
+            grads.update({f"{p}cross_attn.{n}.weight": dws[n] for n in _ATTN})
+            d_enc = d_enc + d_src                                   # every layer reads the encoder output
+        dh, dw_pre, (dws,), dw_post = _sandwich_backward(kern, dh, self_c, _self_attention_backward)
+        grads[f"{p}{names.self_attn[0]}.weight"], grads[f"{p}{names.self_attn[1]}.weight"] = dw_pre, dw_post
+        grads.update({f"{p}self_attn.{n}.weight": dws[n] for n in _ATTN})
+    grads[f"{P}embed_tokens.weight"] = embedding_backward(dh, emb_c)  # inverts the embedding
+    return grads, d_enc
+
+
+def lm_head_forward(h, table, cap):
+    """Tied LM head and final softcap: (B, T, D) -> logits (B, T, V)."""
+    z, head_c = linear_forward(h, table)                         # (B, T, V)
+    logits, cap_c = softcap_forward(z, cap)
+    return logits, (head_c, cap_c)
+
+
+def lm_head_backward(dlogits, cache):
+    head_c, cap_c = cache
+    dz = softcap_backward(dlogits, cap_c)                        # inverts the final softcap
+    return linear_backward(dz, head_c)                           # inverts z = h E^T: (dh, dE)

@@ -1,0 +1,216 @@
+"""Verify another Gemma 2 / T5Gemma implementation layer by layer against minencdec.
+
+    minencdec dump --model DIR --input-ids "2 45 17 9" --out ours.safetensors
+    (your JAX / PyTorch / C++ code writes theirs.safetensors in the same format)
+    minencdec compare theirs.safetensors ours.safetensors      -> one line per sublayer
+    minencdec compare --model DIR --against theirs.safetensors  (reruns their inputs here)
+    minencdec compare --model DIR --against transformers --input-ids "2 45 17 9"
+
+The report has one row per tensor in model order (embed, each layer's sublayers and the
+layer, norm; encoder before decoder; logits): OK, DIFF (|A - B| > rtol * max |B| at some
+non-pad position; B is the reference), MISSING (in one dump only) or SHAPE, with the max
+abs / rel error and the worst index, then "first divergence: NAME". Exit code 0 when all
+agree, 1 otherwise, 2 on bad input.
+
+Dump format (version 1): one safetensors file. Metadata (strings): `format` =
+"minencdec-activations", `format_version` = "1", `kind` ("gemma2" or "t5gemma"); and, for
+the reader's benefit, `dtype` ("float64"/"float32"), `producer` ("minencdec", "transformers
+5.23.0", ...) and `model` (the checkpoint path). Tensors, all row-major:
+
+  inputs (int64)   input_ids, attention_mask                              (B, S)
+                   T5Gemma also decoder_input_ids, decoder_attention_mask (B, T)
+                   masks are 1 for a token, 0 for padding (right or left)
+  Gemma 2          embed, layers.{i}.self_attn, layers.{i}.mlp, layers.{i}, norm, logits
+  T5Gemma          encoder.embed, encoder.layers.{i}.self_attn, encoder.layers.{i}.mlp,
+                   encoder.layers.{i}, encoder.norm, decoder.embed,
+                   decoder.layers.{i}.self_attn, decoder.layers.{i}.cross_attn,
+                   decoder.layers.{i}.mlp, decoder.layers.{i}, decoder.norm, logits
+
+  embed            E[ids] * sqrt(D), the input of layer 0                 (B, L, D)
+  <sublayer>       the sublayer's output AFTER its post-norm: the term
+                   added to the residual stream, post_norm(f(pre_norm(h)))  (B, L, D)
+  layers.{i}       the layer's output (the residual stream after it)      (B, L, D)
+  norm             after the stack's final RMSNorm                        (B, L, D)
+  logits           after the final softcap (decoder positions)            (B, T, V)
+
+Activations are float64 or float32 (the precision the producer computed in). Outputs at
+padding positions are implementation-defined (a left-padded causal query sees no key), so
+only positions whose mask is 1 are compared: `encoder.*` under attention_mask,
+`decoder.*` and T5Gemma's logits under decoder_attention_mask.
+
+Axes: B batch, S encoder (or Gemma 2) length, T decoder length, D width, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+
+import numpy as np
+
+from minencdec.files.checkpoint import read_config
+from minencdec.io.pretrained import is_classifier, read_model_config
+from minencdec.model.t5gemma import T5GemmaModel
+from minencdec.model.validate import check_ids, check_mask, resolve_dtype
+
+FORMAT, FORMAT_VERSION = "minencdec-activations", "1"
+INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+
+
+class DumpError(ValueError):
+    """An activation dump that cannot be read or used; the message names the file."""
+
+
+# --------------------------------------------------------------------------- producing dumps
+
+def model_inputs(kind, config, input_ids, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None) -> dict[str, np.ndarray]:
+    """The int64 inputs with every default made explicit, so both producers see the same masks:
+    Gemma 2 mask all ones, T5Gemma masks `ids != pad`, decoder ids one bos token per row."""
+    enc = config.encoder if kind == "t5gemma" else config
+    ids = check_ids(input_ids, enc.vocab_size, "input_ids")
+    mask = check_mask(attention_mask, ids.shape, "attention_mask")
+    default = (ids != enc.pad_token_id) if kind == "t5gemma" else np.ones(ids.shape, bool)
+    x = {"input_ids": ids, "attention_mask": (default if mask is None else mask).astype(np.int64)}
+    if kind == "gemma2":
+        if decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise ValueError("decoder inputs are for T5Gemma; this is a Gemma 2 decoder-only model")
+        return x
+    dec = config.decoder
+    if decoder_input_ids is None:
+        decoder_input_ids = np.full((ids.shape[0], 1), dec.bos_token_id)
+    dids = check_ids(decoder_input_ids, dec.vocab_size, "decoder_input_ids")
+    if dids.shape[0] != ids.shape[0]:
+        raise ValueError(f"decoder_input_ids have batch {dids.shape[0]}, input_ids {ids.shape[0]}")
+    dmask = check_mask(decoder_attention_mask, dids.shape, "decoder_attention_mask")
+    x.update(decoder_input_ids=dids,
+             decoder_attention_mask=((dids != dec.pad_token_id) if dmask is None else dmask).astype(np.int64))
+    return x
+
+
+def dump_minencdec(model, input_ids, attention_mask=None, decoder_input_ids=None,
+                   decoder_attention_mask=None) -> dict[str, np.ndarray]:
+    """Every activation of a Gemma2Model / T5GemmaModel, plus the inputs (the dump format)."""
+    kind = "t5gemma" if isinstance(model, T5GemmaModel) else "gemma2"
+    x = model_inputs(kind, model.config, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+    record = {}
+    if kind == "gemma2":
+        model.logits(x["input_ids"], x["attention_mask"], record=record)
+    else:
+        model.logits(x["input_ids"], x["decoder_input_ids"], x["attention_mask"],
+                     x["decoder_attention_mask"], record=record)
+    return {**x, **record}
+
+
+_LAYER = r"((?:en|de)coder\.)?layers\.\d+"
+# transformers' post-norm module -> our sublayer name (its output is the sublayer's output).
+_HF_POST_NORMS = {"post_attention_layernorm": "self_attn", "post_self_attn_layernorm": "self_attn",
+                  "post_cross_attn_layernorm": "cross_attn", "post_feedforward_layernorm": "mlp"}
+
+
+def _lm_config(path):
+    """(kind, config) of a language-model checkpoint directory; classifiers are refused."""
+    raw = read_config(path)
+    if is_classifier(raw):
+        raise ValueError(f"{path} is a classifier; dumps need a Gemma2ForCausalLM or "
+                         "T5GemmaForConditionalGeneration checkpoint")
+    return read_model_config(path, raw)
+
+
+def _hf_record_name(module_name):
+    """transformers module name -> the activation its forward output is, or None."""
+    name = module_name.removeprefix("model.")       # "encoder.layers.0.post_self_attn_layernorm"
+    head, _, last = name.rpartition(".")
+    if last in _HF_POST_NORMS and re.fullmatch(_LAYER, head):
+        return f"{head}.{_HF_POST_NORMS[last]}"
+    if re.fullmatch(_LAYER, name) or re.fullmatch(r"((?:en|de)coder\.)?norm", name):
+        return name
+    return None
+
+
+def dump_transformers(path, input_ids, attention_mask=None, decoder_input_ids=None,
+                      decoder_attention_mask=None, dtype="float64", exact=True) -> dict[str, np.ndarray]:
+    """The same activations from transformers' eager Gemma2ForCausalLM /
+    T5GemmaForConditionalGeneration loaded from checkpoint directory `path`, captured by
+    forward hooks (a pre-hook on layer 0 for `embed`). `exact`: under float64_exact(), so a
+    float64 run has no float32 islands. Needs the `oracle` extra."""
+    from .hf_oracle import float64_exact
+    kind, config = _lm_config(path)
+    x = model_inputs(kind, config, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError("dump_transformers needs torch and transformers: pip install -e '.[oracle]'") from e
+    cls = transformers.Gemma2ForCausalLM if kind == "gemma2" else transformers.T5GemmaForConditionalGeneration
+    torch_dtype = getattr(torch, resolve_dtype(dtype).name)
+    model = cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch_dtype).eval()
+    acts, hooks = {}, []
+
+    def save(name, h):
+        acts[name] = (h[0] if isinstance(h, tuple) else h).detach().cpu().numpy().copy()
+    for module_name, module in model.named_modules():
+        if (name := _hf_record_name(module_name)) is None:
+            continue
+        hooks.append(module.register_forward_hook(lambda m, args, out, name=name: save(name, out)))
+        if name.endswith("layers.0"):      # layer 0's input is the scaled embedding (T5Gemma
+            embed = name.removesuffix("layers.0") + "embed"     # scales after embed_tokens)
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, embed=embed: save(embed, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+    try:
+        with torch.no_grad(), (float64_exact() if exact else contextlib.nullcontext()):
+            out = model(**{k: torch.from_numpy(v) for k, v in x.items()}, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**x, **acts, "logits": out.logits.detach().cpu().numpy()}
+
+
+# --------------------------------------------------------------------------- files
+
+def write_dump(path, acts: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a dump atomically (a temporary file beside `path`, then renamed). `metadata`
+    needs `kind`; `format` and `format_version` are set here."""
+    from safetensors.numpy import save_file
+    meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT, "format_version": FORMAT_VERSION}
+    if meta.get("kind") not in ("gemma2", "t5gemma"):
+        raise DumpError(f"{path}: metadata 'kind' must be 'gemma2' or 't5gemma', got {meta.get('kind')!r}")
+    tensors = {k: np.ascontiguousarray(v, np.int64 if k in INPUT_NAMES else None) for k, v in acts.items()}
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)                    # readers see the old file or the whole new one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_dump(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a dump file, with errors that name the file."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise DumpError(f"{path}: no such dump file")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta, acts = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:                        # safetensors raises its own error types
+        raise DumpError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise DumpError(f"{path}: format tag {meta.get('format')!r}, expected {FORMAT!r} "
+                        "(a minencdec activation dump, not a checkpoint)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DumpError(f"{path}: format_version {meta.get('format_version')!r}; this minencdec "
+                        f"reads version {FORMAT_VERSION!r}")
+    kind = meta.get("kind")
+    needed = INPUT_NAMES if kind == "t5gemma" else INPUT_NAMES[:2] if kind == "gemma2" else None
+    if needed is None:
+        raise DumpError(f"{path}: metadata kind {kind!r}, expected 'gemma2' or 't5gemma'")
+    for name in needed:
+        if name not in acts or not np.issubdtype(acts[name].dtype, np.integer):
+            raise DumpError(f"{path}: needs the integer input tensor {name!r} ({kind} dump)")
+    return acts, meta

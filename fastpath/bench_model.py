@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import preset
 from minencdec.model.t5gemma import T5GemmaModel
 
 SMALL = dict(B=8, S=256, T=256)

@@ -10,7 +10,8 @@ import os as _os
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .io.pretrained import load_pretrained
-from .model.config import PRESETS, GemmaConfig, T5GemmaConfig, num_parameters, preset
+from .model.config import GemmaConfig, T5GemmaConfig
+from .model.presets import PRESETS, num_parameters, preset
 from .model.gemma2 import Gemma2Model
 from .model.t5gemma import T5GemmaModel
 

@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt
 
 from minencdec.model.attention import (attention_backward, attention_block_forward, attention_forward,
                                        bidirectional_mask, causal_mask, with_key_padding)
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model, init_params, self_attention_masks
 from minencdec.model.layers import rmsnorm_forward, rope_cos_sin
 
@@ -178,7 +178,7 @@ def layer_attention(params, ids, layer):
                                        cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, rope)
     z, _ = rmsnorm_forward(y, model.params[P + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
     assert np.allclose(z, rec[f"layers.{layer}.self_attn"], rtol=0, atol=1e-12)   # the model's own numbers
-    p = cache[5][3]                                          # attention cache: (qg, k, v, p, ...)
+    p = cache.attn[3]                          # the reference attention's cache: (qg, k, v, p, cap, scale)
     return p.reshape(cfg.num_attention_heads, L, L)          # (B=1, K, G, T, S) -> (H, T, S)
 
 

@@ -48,7 +48,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from minencdec.model import gemma2
-from minencdec.model.config import PRESETS, T5GemmaConfig, num_parameters, preset
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import PRESETS, num_parameters, preset
 from minencdec.model.gemma2 import Gemma2Model, init_params, shift_labels
 from minencdec.model.losses import cross_entropy_forward
 from minencdec.training.optim import AdamW

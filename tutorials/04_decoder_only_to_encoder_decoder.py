@@ -50,7 +50,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from minencdec.model.adapt import adapt_params
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model, init_params
 from minencdec.model.losses import cross_entropy_forward
 from minencdec.training.optim import AdamW, FreezeSchedule

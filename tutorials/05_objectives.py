@@ -49,7 +49,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import to_rgb
 
 from minencdec.model.adapt import adapt_params
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model
 from minencdec.model.losses import distillation_backward, distillation_forward, log_softmax
 from minencdec.training.objectives import (UL2_DENOISERS, noise_counts, prefix_length, prefix_lm, prefix_lm_batch,

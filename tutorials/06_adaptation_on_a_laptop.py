@@ -50,7 +50,7 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 from minencdec.training import data
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model
 from minencdec.model.losses import cross_entropy_forward
 from minencdec.io.pretrained import adapt_checkpoints, load_pretrained

@@ -47,7 +47,8 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 from minencdec.model import generate
-from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import preset
 from minencdec.model.efficiency import flops, measure, paper_models, random_model, tiny_models
 from minencdec.model.gemma2 import Gemma2Model
 from minencdec.model.t5gemma import T5GemmaModel

@@ -59,7 +59,7 @@ from fastpath import attention as fast
 from fastpath.measure import peak_rss_growth, traced_peak
 from fastpath.jit import jit_enabled
 from minencdec.model import attention as ref
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
 FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go

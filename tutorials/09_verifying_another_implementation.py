@@ -49,7 +49,8 @@ import matplotlib.pyplot as plt
 from minencdec import cli
 from minencdec.model import stack
 from minencdec import verify
-from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import preset
 from minencdec.model.layers import rmsnorm_forward
 from minencdec.model.t5gemma import T5GemmaModel
 

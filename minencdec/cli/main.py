@@ -15,7 +15,8 @@ import sys
 
 from minencdec.io import progress
 from minencdec.io.pretrained import adapt_checkpoints, read_model_config
-from minencdec.model.config import PRESETS, T5GemmaConfig, num_parameters
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import PRESETS, num_parameters
 
 from . import demo, efficiency, generate, train, verify
 

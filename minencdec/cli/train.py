@@ -24,7 +24,7 @@ from minencdec.io import tokenizer as tk
 from minencdec.io.pretrained import load_pretrained
 from minencdec.model import backend
 from minencdec.model.classify import Classifier
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model
 from minencdec.model.t5gemma import T5GemmaModel, cross_attention_names
 from minencdec.training import data

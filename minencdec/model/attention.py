@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import linear_backward, linear_forward, rope_backward, rope_forward, \
-    softcap_backward, softcap_forward
+from .layers import (linear_backward, linear_forward, rmsnorm_backward, rmsnorm_forward, rope_backward,
+                     rope_forward, softcap_backward, softcap_forward)
 
 # ---------------------------------------------------------------------------- masks
 
@@ -32,10 +32,13 @@ def mask_pattern(T, S, causal=False, window=None, rule="le", q_offset=0):
       causal, no window       j <= i
       causal, window w        i - w < j <= i        (w keys including itself)
       bidirectional, no window  every key
-      bidirectional, window w   |i - j| <= w (rule "le", transformers >= 5)
-                                or |i - j| < w (rule "lt", transformers 4.53-4.57 and the JAX code)"""
-    if rule not in ("le", "lt"):
-        raise ValueError(f"rule must be 'le' or 'lt', got {rule!r}")
+      bidirectional, window w   |i - j| <= w (rule "le", T5Gemma in transformers >= 5)
+                                or |i - j| < w (rule "lt", transformers 4.53-4.57 and the JAX code)
+                                or -((w - 1) // 2) <= j - i <= w // 2 (rule "t5gemma2": w keys,
+                                   one more to the right when w is even; transformers'
+                                   T5Gemma 2 `sliding_window_mask_function(w, is_causal=False)`)"""
+    if rule not in ("le", "lt", "t5gemma2"):
+        raise ValueError(f"rule must be 'le', 'lt' or 't5gemma2', got {rule!r}")
     i = np.arange(T)[:, None] + q_offset                         # (T, 1) query positions
     j = np.arange(S)[None, :]                                    # (1, S) key positions
     if causal:
@@ -43,6 +46,8 @@ def mask_pattern(T, S, causal=False, window=None, rule="le", q_offset=0):
         return allowed if window is None else allowed & (j > i - window)
     if window is None:
         return np.ones((T, S), dtype=bool)
+    if rule == "t5gemma2":
+        return (j - i >= -((window - 1) // 2)) & (j - i <= window // 2)
     distance = np.abs(i - j)
     return distance <= window if rule == "le" else distance < window
 
@@ -75,11 +80,23 @@ class Mask(NamedTuple):
     rule: str = "le"                       # the bidirectional window rule (mask_pattern)
     key_mask: np.ndarray | None = None     # (B, S), 1 = a real key, 0 = padding
     q_offset: int = 0                      # position of query 0 (a KV cache's later steps)
+    # T5Gemma 2's merged attention: `extra_keys` keys (the encoder's) follow the S - extra_keys
+    # self keys. Every query sees each of them, whatever `causal` and `window` say, unless
+    # extra_key_mask (B, extra_keys) marks it as padding.
+    extra_keys: int = 0
+    extra_key_mask: np.ndarray | None = None
 
     def dense(self, T, S):
-        """(B, T, S) bool, or (1, T, S) without a key mask."""
-        pattern = mask_pattern(T, S, self.causal, self.window, self.rule, self.q_offset)
-        return with_key_padding(pattern, self.key_mask)
+        """(B, T, S) bool, or (1, T, S) without a key mask. S counts the extra keys too."""
+        n = S - self.extra_keys
+        pattern = with_key_padding(mask_pattern(T, n, self.causal, self.window, self.rule, self.q_offset),
+                                   self.key_mask)                          # (B or 1, T, n)
+        if not self.extra_keys:
+            return pattern
+        extra = with_key_padding(np.ones((T, self.extra_keys), dtype=bool), self.extra_key_mask)
+        B = max(pattern.shape[0], extra.shape[0])
+        return np.concatenate([np.broadcast_to(pattern, (B, T, n)),
+                               np.broadcast_to(extra, (B, T, self.extra_keys))], axis=-1)   # (B, T, S)
 
 
 # ---------------------------------------------------------------------------- softmax attention
@@ -144,37 +161,118 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, n * Dh)         # (B, n, T, Dh) -> (B, T, n*Dh)
 
 
-def attention_block_forward(x, source, w, mask, n_heads, n_kv, scale, cap, rope=None, kernels=None):
-    """o_proj(attention(q_proj(x), k_proj(source), v_proj(source))).
+class _ReferenceKernels(NamedTuple):
+    """The functions the attention block calls when no backend's `Kernels` is given."""
+    attention_forward: object
+    attention_backward: object
+    rmsnorm_forward: object
+    rmsnorm_backward: object
 
-    Self-attention passes source = x and rope = (cos, sin); cross-attention passes the
-    encoder output as source and rope = None (no RoPE). w holds "q_proj", "k_proj",
-    "v_proj", "o_proj" weights. mask: a `Mask` or a (B, T, S) array. kernels: a
-    `backend.Kernels` (None: the reference). x (B, T, D), source (B, S, Ds) -> y (B, T, D)."""
-    attend = attention_forward_masked if kernels is None else kernels.attention_forward
-    attend_backward = attention_backward if kernels is None else kernels.attention_backward
-    q_lin, q_c = linear_forward(x, w["q_proj"])                  # (B, T, H*Dh)
-    k_lin, k_c = linear_forward(source, w["k_proj"])             # (B, S, K*Dh)
-    v_lin, v_c = linear_forward(source, w["v_proj"])             # (B, S, K*Dh)
-    q, k, v = _split_heads(q_lin, n_heads), _split_heads(k_lin, n_kv), _split_heads(v_lin, n_kv)
-    rope_q = rope_k = None
+
+_REFERENCE = _ReferenceKernels(attention_forward_masked, attention_backward, rmsnorm_forward, rmsnorm_backward)
+
+
+class BlockCache(NamedTuple):
+    """What attention_block_backward needs, by name."""
+    queries: tuple          # (q_proj cache, QK-norm cache or None, RoPE cache or None)
+    keys: tuple             # the same for keys and values of `source`: see _keys_forward
+    memory: tuple | None    # ... and of `memory` (merged attention), or None
+    hidden_memory: tuple | None   # the shape of a memory no query could see (its gradient is 0)
+    attn: tuple             # the softmax attention's cache (the reference's: (qg, k, v, p, cap, scale))
+    out: tuple              # o_proj's cache
+    n_heads: int
+    n_self_keys: int        # how many of the attended keys came from `source`
+    attend_backward: object
+    norm_backward: object
+
+
+def _heads_forward(x, w_proj, n, w_norm, eps, rope, norm_forward):
+    """x (B, L, D) -> heads (B, n, L, Dh): project, split, QK-norm over Dh (Gemma 3, when
+    w_norm is given), then RoPE (when rope is given). Returns the heads and the cache."""
+    lin, lin_c = linear_forward(x, w_proj)                       # (B, L, n*Dh)
+    heads = _split_heads(lin, n)                                 # (B, n, L, Dh)
+    norm_c = rope_c = None
+    if w_norm is not None:
+        heads, norm_c = norm_forward(heads, w_norm, eps)         # RMSNorm over each head's Dh
     if rope is not None:
-        q, rope_q = rope_forward(q, *rope)                       # (B, H, T, Dh)
-        k, rope_k = rope_forward(k, *rope)                       # (B, K, S, Dh)
-    o, attn_c = attend(q, k, v, mask, scale, cap)                # (B, H, T, Dh)
-    y, o_c = linear_forward(_merge_heads(o), w["o_proj"])        # (B, T, D)
-    return y, (q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c, n_heads, attend_backward)
+        heads, rope_c = rope_forward(heads, *rope)               # rotated by position
+    return heads, (lin_c, norm_c, rope_c)
+
+
+def _heads_backward(dheads, cache, norm_backward):
+    """Inverts _heads_forward: returns dx, dW_proj, dW_norm (None without QK-norm)."""
+    lin_c, norm_c, rope_c = cache
+    if rope_c is not None:
+        dheads = rope_backward(dheads, rope_c)                   # inverts the rotation
+    dw_norm = None
+    if norm_c is not None:
+        dheads, dw_norm = norm_backward(dheads, norm_c)          # inverts the QK-norm
+    dx, dw = linear_backward(_merge_heads(dheads), lin_c)        # inverts the projection
+    return dx, dw, dw_norm
+
+
+def _keys_forward(source, w, n_kv, eps, rope, norm_forward):
+    """Keys (k_proj, k_norm, RoPE) and values (v_proj) of one source: (B, K, L, Dh) each."""
+    k, k_c = _heads_forward(source, w["k_proj"], n_kv, w.get("k_norm"), eps, rope, norm_forward)
+    v, v_c = _heads_forward(source, w["v_proj"], n_kv, None, eps, None, norm_forward)
+    return k, v, (k_c, v_c)
+
+
+def _keys_backward(dk, dv, cache, norm_backward):
+    """dsource and the weights' gradients {k_proj, v_proj, k_norm} of _keys_forward."""
+    k_c, v_c = cache
+    ds_k, dw_k, dw_norm = _heads_backward(dk, k_c, norm_backward)
+    ds_v, dw_v, _ = _heads_backward(dv, v_c, norm_backward)
+    return ds_k + ds_v, {"k_proj": dw_k, "v_proj": dw_v, "k_norm": dw_norm}   # source fed both
+
+
+def attention_block_forward(x, source, w, mask, n_heads, n_kv, scale, cap, rope=None, kernels=None,
+                            eps=None, memory=None):
+    """o_proj(attention(queries of x, keys and values of source [and of memory])).
+
+    Self-attention passes source = x and rope = (cos, sin); T5Gemma's cross-attention passes
+    the encoder output as source and rope = None (no RoPE). With QK-norm (Gemma 3: w holds
+    "q_norm" and "k_norm", of shape (Dh,)) queries and keys are RMS-normed over head_dim
+    with `eps` before RoPE. T5Gemma 2's merged attention passes the encoder output as
+    `memory`: its keys (k_proj, k_norm, no RoPE) and values (v_proj) are appended after the
+    self keys, and one softmax runs over both; the mask describes all of them
+    (`Mask.extra_keys`). w holds "q_proj", "k_proj", "v_proj", "o_proj" (and the norms).
+    mask: a `Mask` or a (B, T, S) array. kernels: a `backend.Kernels` (None: the reference).
+    x (B, T, D), source (B, S, Ds), memory (B, M, D) -> y (B, T, D)."""
+    kern = kernels or _REFERENCE
+    hidden_memory = None
+    if memory is not None and isinstance(mask, Mask) and mask.extra_key_mask is not None \
+            and not np.any(mask.extra_key_mask):
+        # No query may see any encoder key: this is self-attention, and is run as such, so
+        # that the sums see exactly the numbers Gemma 3's do (extra zero terms would change
+        # only their order, i.e. the last bit). The encoder output gets a zero gradient.
+        hidden_memory, memory = memory, None
+        mask = mask._replace(extra_keys=0, extra_key_mask=None)
+    q, q_c = _heads_forward(x, w["q_proj"], n_heads, w.get("q_norm"), eps, rope, kern.rmsnorm_forward)  # (B, H, T, Dh)
+    k, v, keys_c = _keys_forward(source, w, n_kv, eps, rope, kern.rmsnorm_forward)                     # (B, K, S, Dh)
+    n_self, memory_c = k.shape[2], None
+    if memory is not None:
+        km, vm, memory_c = _keys_forward(memory, w, n_kv, eps, None, kern.rmsnorm_forward)             # (B, K, M, Dh)
+        k, v = np.concatenate([k, km], axis=2), np.concatenate([v, vm], axis=2)             # (B, K, S + M, Dh)
+    o, attn_c = kern.attention_forward(q, k, v, mask, scale, cap)                           # (B, H, T, Dh)
+    y, o_c = linear_forward(_merge_heads(o), w["o_proj"])                                    # (B, T, D)
+    return y, BlockCache(q_c, keys_c, memory_c, None if hidden_memory is None else hidden_memory.shape,
+                         attn_c, o_c, n_heads, n_self, kern.attention_backward, kern.rmsnorm_backward)
 
 
 def attention_block_backward(dy, cache):
-    """Returns dx, dsource, {name: dW}. For self-attention the caller adds dsource to dx."""
-    q_c, k_c, v_c, rope_q, rope_k, attn_c, o_c, n_heads, attend_backward = cache
-    do_merged, dw_o = linear_backward(dy, o_c)                   # inverts y = o_proj(o)
-    do = _split_heads(do_merged, n_heads)                        # (B, H, T, Dh)
-    dq, dk, dv = attend_backward(do, attn_c)                     # inverts the softmax attention
-    if rope_q is not None:
-        dq, dk = rope_backward(dq, rope_q), rope_backward(dk, rope_k)   # inverts the rotations
-    dx, dw_q = linear_backward(_merge_heads(dq), q_c)            # inverts q = q_proj(x)
-    ds_k, dw_k = linear_backward(_merge_heads(dk), k_c)          # inverts k = k_proj(source)
-    ds_v, dw_v = linear_backward(_merge_heads(dv), v_c)          # inverts v = v_proj(source)
-    return dx, ds_k + ds_v, {"q_proj": dw_q, "k_proj": dw_k, "v_proj": dw_v, "o_proj": dw_o}
+    """Returns dx, dsource, dmemory (None without memory), {name: dW}. For self-attention
+    the caller adds dsource to dx; dmemory flows back into the encoder."""
+    norms = cache.norm_backward
+    do_merged, dw_o = linear_backward(dy, cache.out)             # inverts y = o_proj(o)
+    do = _split_heads(do_merged, cache.n_heads)                  # (B, H, T, Dh)
+    dq, dk, dv = cache.attend_backward(do, cache.attn)           # inverts the softmax attention
+    n = cache.n_self_keys
+    dx, dw_q, dw_qnorm = _heads_backward(dq, cache.queries, norms)
+    dsource, dws = _keys_backward(dk[:, :, :n], dv[:, :, :n], cache.keys, norms)
+    dmemory = None if cache.hidden_memory is None else np.zeros(cache.hidden_memory, dtype=dy.dtype)
+    if cache.memory is not None:                               # the merged keys: same weights, summed
+        dmemory, dws_m = _keys_backward(dk[:, :, n:], dv[:, :, n:], cache.memory, norms)
+        dws = {name: None if dw is None else dw + dws_m[name] for name, dw in dws.items()}
+    dws.update(q_proj=dw_q, o_proj=dw_o, q_norm=dw_qnorm)
+    return dx, dsource, dmemory, {name: dw for name, dw in dws.items() if dw is not None}

@@ -73,15 +73,25 @@ def _numba_kernels():
     from fastpath import decode, lmhead, mlp, norm
 
     def attention_forward(q, k, v, mask, scale, cap):
+        if not isinstance(mask, attention.Mask) or mask.extra_keys or mask.rule not in ("le", "lt"):   # the reference, for now
+            o, cache = attention.attention_forward_masked(q, k, v, mask, scale, cap)
+            return o, ("reference", cache)
         return fattn.attention_forward(q, k, v, scale, cap, mask.causal, mask.window, mask.rule,
                                        mask.key_mask, mask.q_offset)
 
+    def attention_backward(do, cache):
+        if isinstance(cache, tuple) and len(cache) == 2 and isinstance(cache[0], str):
+            return attention.attention_backward(do, cache[1])
+        return fattn.attention_backward(do, cache)
+
     def decode_attention(q, k, v, mask, scale, cap):
+        if mask.extra_keys or mask.rule not in ("le", "lt"):
+            return _decode_attention(q, k, v, mask, scale, cap)
         return decode.decode_attention(q, k, v, scale, cap, mask.causal, mask.window, mask.rule,
                                        mask.key_mask, mask.q_offset)
 
     return Kernels("numba", norm.rmsnorm_forward, norm.rmsnorm_backward, mlp.mlp_forward, mlp.mlp_backward,
-                   attention_forward, fattn.attention_backward, decode_attention,
+                   attention_forward, attention_backward, decode_attention,
                    lmhead.lm_head_cross_entropy, lmhead.lm_head_cross_entropy_backward)
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PRESETS, GemmaConfig, T5GemmaConfig
+from .config import GemmaConfig, T5GemmaConfig
+from .presets import PRESETS
 from .gemma2 import Gemma2Model
 from .generate import start, step
 from .t5gemma import T5GemmaModel

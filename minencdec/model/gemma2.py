@@ -1,9 +1,11 @@
-"""The decoder-only Gemma 2 language model (transformers' Gemma2ForCausalLM), in NumPy.
+"""The decoder-only Gemma language model (transformers' Gemma2ForCausalLM and, with a Gemma 3
+config, Gemma3ForCausalLM), in NumPy. The two families run the same code: `stack.py` reads
+what differs (QK-norm, RoPE per layer type) from the config.
 
     h      = embed(ids) * sqrt(D)                      # (B, T, D)
-    h      = layers(h)   causal self-attention (sliding on even layers), GeGLU MLP
+    h      = layers(h)   causal self-attention (sliding on some layers), GeGLU MLP
     h      = final_norm(h)
-    logits = 30 tanh(h E^T / 30)                       # tied LM head, final softcap   (B, T, V)
+    logits = 30 tanh(h E^T / 30)                       # tied LM head, final softcap (Gemma 2) (B, T, V)
     loss   = mean over labelled tokens of -log softmax(logits[t])[labels[t + 1]]
 
 `forward` / `backward` are the functional core; `Gemma2Model` holds a config and the
@@ -99,7 +101,8 @@ def shift_labels(labels):
 
 
 class Gemma2Model:
-    """A Gemma 2 decoder-only LM. `params` is keyed by the Hugging Face tensor names.
+    """A decoder-only Gemma LM: Gemma 2, or Gemma 3 when config.family is "gemma3". `params`
+    is keyed by the Hugging Face tensor names.
     backend: "numpy" (the reference) or "numba" (the fast path); see backend.py."""
 
     def __init__(self, config: GemmaConfig, params: dict, dtype="float32", backend="numpy"):
@@ -140,7 +143,7 @@ class Gemma2Model:
 
     def hf_config(self) -> dict:
         """The config.json transformers reads for this model."""
-        return self.config.to_hf_dict("gemma2")
+        return self.config.to_hf_dict()
 
     def save_pretrained(self, path, dtype=None):
         """A Gemma2ForCausalLM directory that transformers' from_pretrained loads."""

@@ -1,8 +1,11 @@
-"""A Gemma 2 stack: scaled embedding, layers of sandwich-normed sublayers, final RMSNorm.
+"""A Gemma stack: scaled embedding, layers of sandwich-normed sublayers, final RMSNorm.
 
-The same code runs the decoder-only model, the T5Gemma encoder (bidirectional masks) and
-the T5Gemma decoder (causal masks plus a cross-attention sublayer). Only the tensor names
-of the norms differ, so a `Names` record says which checkpoint names a stack uses.
+The same code runs every stack of both families: the decoder-only model (Gemma 2, Gemma 3),
+an encoder (bidirectional masks), T5Gemma's decoder (causal masks plus a cross-attention
+sublayer) and T5Gemma 2's decoder (whose self-attention also reads the encoder's keys: the
+merged attention). The config says what the family changes (QK-norm, RoPE per layer type);
+a `Names` record says which checkpoint names a stack uses and how its decoder reads the
+encoder.
 
 Every sublayer is a sandwich:  h = h + post_norm(sublayer(pre_norm(h))).
 
@@ -30,15 +33,24 @@ class Names:
     self_attn: tuple[str, str]  # (pre norm, post norm) around self-attention
     mlp: tuple[str, str] = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     cross_attn: tuple[str, str] | None = None  # decoder of T5Gemma only
+    merged: bool = False        # decoder of T5Gemma 2: self-attention also attends to the encoder
+    table: str | None = None    # the embedding's name when another stack owns it (T5Gemma 2's decoder)
     record_prefix: str = ""     # prefix of the names under which activations are recorded
 
+    @property
+    def embedding(self) -> str:
+        """The embedding table this stack reads (tied to the LM head of a decoder)."""
+        return self.table or f"{self.prefix}embed_tokens.weight"
 
-GEMMA2 = Names("model.", ("input_layernorm", "post_attention_layernorm"))
+
+GEMMA2 = Names("model.", ("input_layernorm", "post_attention_layernorm"))   # Gemma 3 too
 T5_ENCODER = Names("model.encoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
-                   record_prefix="encoder.")
+                   record_prefix="encoder.")                                  # T5Gemma 2 too
 T5_DECODER = Names("model.decoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
                    cross_attn=("pre_cross_attn_layernorm", "post_cross_attn_layernorm"),
                    record_prefix="decoder.")
+T5G2_DECODER = Names("model.decoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
+                     merged=True, table=T5_ENCODER.embedding, record_prefix="decoder.")
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -47,13 +59,15 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 def stack_param_shapes(c: GemmaConfig, names: Names) -> dict[str, tuple[int, ...]]:
     """Every tensor of the stack, named as in the checkpoint, with its (out, in) shape."""
     D, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {f"{names.prefix}embed_tokens.weight": (c.vocab_size, D)}
+    shapes = {} if names.table else {names.embedding: (c.vocab_size, D)}   # a shared table is its owner's
     for i in range(c.num_hidden_layers):
         p = f"{names.prefix}layers.{i}."
         norms = names.self_attn + names.mlp + (names.cross_attn or ())
         shapes.update({f"{p}{n}.weight": (D,) for n in norms})
         shapes.update({f"{p}self_attn.q_proj.weight": (q, D), f"{p}self_attn.k_proj.weight": (kv, D),
                        f"{p}self_attn.v_proj.weight": (kv, D), f"{p}self_attn.o_proj.weight": (D, q)})
+        if c.qk_norm:
+            shapes.update({f"{p}self_attn.q_norm.weight": (c.head_dim,), f"{p}self_attn.k_norm.weight": (c.head_dim,)})
         if names.cross_attn:
             Ds = c.cross_attention_hidden_size
             shapes.update({f"{p}cross_attn.q_proj.weight": (q, D), f"{p}cross_attn.k_proj.weight": (kv, Ds),
@@ -91,15 +105,17 @@ def _sandwich_backward(kern, dh, cache, sublayer_backward):
     return dh + dh_sub, dw_pre, sub_grads, dw_post               # the residual fans dh out to both paths
 
 
-def _self_attention_forward(x, w, mask, c: GemmaConfig, rope, kern):
-    """Queries, keys and values all read x; RoPE on queries and keys."""
+def _self_attention_forward(x, w, mask, c: GemmaConfig, rope, kern, memory=None):
+    """Queries, keys and values all read x; QK-norm (Gemma 3), then RoPE on queries and keys.
+    `memory` (T5Gemma 2's merged attention): the encoder output, whose keys and values join x's."""
     return attention_block_forward(x, x, w, mask, c.num_attention_heads, c.num_key_value_heads,
-                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern)
+                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern,
+                                   eps=c.rms_norm_eps, memory=memory)
 
 
 def _self_attention_backward(dy, cache):
-    dx, dsource, dws = attention_block_backward(dy, cache)
-    return dx + dsource, dws                                     # x fed queries and keys/values: add
+    dx, dsource, dmemory, dws = attention_block_backward(dy, cache)
+    return dx + dsource, dmemory, dws                            # x fed queries and keys/values: add
 
 
 def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig, kern):
@@ -108,35 +124,80 @@ def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig, kern):
                                    c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None, kern)
 
 
-def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None, backend="numpy"):
+def _cross_attention_backward(dy, cache):
+    dx, dsource, _, dws = attention_block_backward(dy, cache)
+    return dx, dsource, dws
+
+
+def rope_tables(c: GemmaConfig, positions, dtype) -> dict:
+    """cos, sin for each layer type of the stack: (..., T, Dh) each. Gemma 2 has one RoPE;
+    Gemma 3 gives sliding and full layers their own base (and full layers a linear scale)."""
+    tables = {}
+    for layer_type in set(c.layer_types):
+        theta, scale = c.rope_of_type(layer_type)
+        pos = np.asarray(positions, dtype=np.float64)
+        tables[layer_type] = rope_cos_sin(pos if scale == 1.0 else pos / scale, c.head_dim, theta, dtype)
+    return tables
+
+
+def _attention_weights(params, p, c: GemmaConfig, kind="self_attn"):
+    """A layer's q/k/v/o (and Gemma 3's q_norm/k_norm) weights by their short names."""
+    names = _ATTN + (("q_norm", "k_norm") if c.qk_norm and kind == "self_attn" else ())
+    return {n: params[f"{p}{kind}.{n}.weight"] for n in names}
+
+
+def embed_forward(params, names: Names, c: GemmaConfig, ids, eoi=None):
+    """The scaled embedding; T5Gemma 2 (eoi = (token id, vector name)) then puts the vector
+    eoi_embedding, unscaled, where that token stands (transformers'
+    T5Gemma2TextScaledWordEmbedding). ids (B, T) -> h (B, T, D)."""
+    h, emb_c = embedding_forward(ids, params[names.embedding], c.pad_token_id)   # (B, T, D)
+    at = None
+    if eoi is not None:
+        at = ids == eoi[0]                                          # (B, T)
+        h[at] = params[eoi[1]]
+    return h, (emb_c, at, eoi)
+
+
+def embed_backward(dh, cache, grads, names: Names):
+    """Adds the table's (and eoi_embedding's) gradient into `grads` (a shared table sums)."""
+    emb_c, at, eoi = cache
+    if at is not None:
+        grads[eoi[1]] = grads.get(eoi[1], 0.0) + dh[at].sum(axis=0)   # eoi_embedding took those rows
+        dh = np.where(at[..., None], 0.0, dh)                          # ... so the table did not
+    grads[names.embedding] = grads.get(names.embedding, 0.0) + embedding_backward(dh, emb_c)
+
+
+def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None, backend="numpy",
+                  eoi=None):
     """Run a stack. ids (B, T); masks: one self-attention mask per layer (an
-    `attention.Mask` description, or a (B, T, T) bool array on the numpy backend);
-    cross: (encoder_out (B, S, Ds), cross_mask) for a T5Gemma decoder.
+    `attention.Mask` description, or a (B, T, T) bool array on the numpy backend; for a
+    merged-attention decoder the masks cover the encoder's keys too);
+    cross: (encoder_out (B, S, Ds), cross_mask) for a T5Gemma decoder, (encoder_out, None)
+    for a T5Gemma 2 decoder. eoi: see `embed_forward`.
     Returns the final-normed hidden states (B, T, D) and the cache for `stack_backward`.
     `record`, if a dict, receives every sublayer's output (the verification dumps).
     backend: "numpy" (the reference) or "numba" (the fast path, see backend.py)."""
     kern = backend_kernels(backend)
     rec = record if record is not None else {}
     P, r = names.prefix, names.record_prefix
-    dtype = params[f"{P}embed_tokens.weight"].dtype
-    T = ids.shape[1]
-    rope = rope_cos_sin(np.arange(T), c.head_dim, c.rope_theta, dtype)     # (T, Dh) each
-    h, emb_c = embedding_forward(ids, params[f"{P}embed_tokens.weight"], c.pad_token_id)   # (B, T, D)
+    ropes = rope_tables(c, np.arange(ids.shape[1]), params[names.embedding].dtype)   # (T, Dh) each
+    h, emb_c = embed_forward(params, names, c, ids, eoi)                             # (B, T, D)
     rec[f"{r}embed"] = h
+    enc_out = cross[0] if cross is not None else None
     layer_caches = []
     for i in range(c.num_hidden_layers):
         p, eps = f"{P}layers.{i}.", c.rms_norm_eps
         norm = lambda n: params[f"{p}{n}.weight"]                # noqa: E731  (a layer's norm weight)
-        attn = {n: params[f"{p}self_attn.{n}.weight"] for n in _ATTN}
-        h, z, self_c = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps,
-                                         _self_attention_forward, attn, masks[i], c, rope, kern)
+        rope = ropes[c.layer_types[i]]
+        h, z, self_c = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps, _self_attention_forward,
+                                         _attention_weights(params, p, c), masks[i], c, rope, kern,
+                                         enc_out if names.merged else None)
         rec[f"{r}layers.{i}.self_attn"] = z
         cross_c = None
         if names.cross_attn:
-            enc_out, cross_mask = cross
-            xattn = {n: params[f"{p}cross_attn.{n}.weight"] for n in _ATTN}
+            xattn = _attention_weights(params, p, c, "cross_attn")
             h, z, cross_c = _sandwich_forward(kern, h, *map(norm, names.cross_attn), eps,
-                                              _cross_attention_forward, enc_out, xattn, cross_mask, c, kern)
+                                              _cross_attention_forward, enc_out, xattn, cross[1], c, kern)
             rec[f"{r}layers.{i}.cross_attn"] = z
         mlp = [params[f"{p}mlp.{n}.weight"] for n in _MLP]
         h, z, mlp_c = _sandwich_forward(kern, h, *map(norm, names.mlp), eps, kern.mlp_forward, *mlp)
@@ -150,7 +211,8 @@ def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, 
 
 def stack_backward(dout, cache):
     """Gradients of every stack tensor (a dict, checkpoint names) and, for a decoder,
-    the gradient of the encoder output: the sum of every layer's cross-attention part."""
+    the gradient of the encoder output: the sum of what every layer's cross-attention (or
+    merged attention) sent back to it."""
     c, names, kern, emb_c, layer_caches, norm_c = cache
     P = names.prefix
     grads = {}
@@ -164,14 +226,16 @@ def stack_backward(dout, cache):
         for n, dw in zip(_MLP, dws):
             grads[f"{p}mlp.{n}.weight"] = dw
         if cross_c is not None:
-            dh, dw_pre, (d_src, dws), dw_post = _sandwich_backward(kern, dh, cross_c, attention_block_backward)
+            dh, dw_pre, (d_src, dws), dw_post = _sandwich_backward(kern, dh, cross_c, _cross_attention_backward)
             grads[f"{p}{names.cross_attn[0]}.weight"], grads[f"{p}{names.cross_attn[1]}.weight"] = dw_pre, dw_post
             grads.update({f"{p}cross_attn.{n}.weight": dws[n] for n in _ATTN})
             d_enc = d_enc + d_src                                   # every layer reads the encoder output
-        dh, dw_pre, (dws,), dw_post = _sandwich_backward(kern, dh, self_c, _self_attention_backward)
+        dh, dw_pre, (d_mem, dws), dw_post = _sandwich_backward(kern, dh, self_c, _self_attention_backward)
         grads[f"{p}{names.self_attn[0]}.weight"], grads[f"{p}{names.self_attn[1]}.weight"] = dw_pre, dw_post
-        grads.update({f"{p}self_attn.{n}.weight": dws[n] for n in _ATTN})
-    grads[f"{P}embed_tokens.weight"] = embedding_backward(dh, emb_c)  # inverts the embedding
+        grads.update({f"{p}self_attn.{n}.weight": dw for n, dw in dws.items()})
+        if d_mem is not None:
+            d_enc = d_enc + d_mem                                   # merged attention read it too
+    embed_backward(dh, emb_c, grads, names)                         # inverts the embedding
     return grads, d_enc
 
 

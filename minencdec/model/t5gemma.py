@@ -1,18 +1,25 @@
-"""The encoder-decoder Gemma (transformers' T5GemmaForConditionalGeneration), in NumPy.
+"""The encoder-decoder Gemma, in NumPy: T5Gemma (transformers' T5GemmaForConditionalGeneration,
+two Gemma 2 stacks) and T5Gemma 2 (T5Gemma2ForConditionalGeneration, two Gemma 3 stacks).
 
-    enc     = encoder(input_ids)             bidirectional self-attention (sliding on even layers)
+    enc     = encoder(input_ids)             bidirectional self-attention (sliding on some layers)
     h       = decoder(decoder_input_ids)     causal self-attention, cross-attention to enc, MLP
-    logits  = 30 tanh(h E_dec^T / 30)         LM head tied to the decoder's embedding
+              (T5Gemma 2: one merged attention over the decoder's keys and enc's, then MLP)
+    logits  = softcap(h E^T)                  LM head tied to the decoder's embedding
     decoder_input_ids = shift_right(labels): [bos, labels[:-1]] with -100 -> pad
 
-The encoder and decoder are `stack.py` stacks with their own configs, so they may differ
-in width, depth and heads (the unbalanced 9B-2B pairing). The gradient of the encoder
-output is the sum of every decoder layer's cross-attention contribution.
+T5Gemma's encoder and decoder are `stack.py` stacks with their own configs, so they may
+differ in width, depth and heads (the unbalanced 9B-2B pairing). T5Gemma 2's share one
+width and one embedding table (encoder input, decoder input and LM head), and token
+`eoi_token_index` is embedded as the vector `eoi_embedding`. The gradient of the encoder
+output is the sum of every decoder layer's cross-attention (or merged attention) part.
 
-Padding: when `attention_mask` is None it is derived from `input_ids != pad`, and the
-same mask hides the padded encoder keys from cross-attention. (transformers derives the
-encoder's mask the same way but then gives cross-attention no mask at all, so padded
-encoder positions leak into the decoder; pass the mask explicitly to compare the two.)
+Padding. T5Gemma: when `attention_mask` is None it is derived from `input_ids != pad` (and
+the decoder's from its pad ids), and the same mask hides the padded encoder keys from
+cross-attention. (transformers derives the encoder's mask the same way but then gives
+cross-attention no mask at all, so padded encoder positions leak into the decoder; pass the
+mask explicitly to compare the two.) T5Gemma 2, as transformers' T5Gemma 2 does, derives no
+mask from pad ids: without `attention_mask` every token is attended to, so pass the masks
+whenever a batch is padded.
 
 Axes: B batch, S source (encoder) length, T target (decoder) length, D width, V vocab.
 """
@@ -31,19 +38,40 @@ from .backend import kernels as backend_kernels
 from .config import GemmaConfig, T5GemmaConfig
 from .losses import IGNORE_INDEX
 from .generate import generate
-from .stack import (T5_DECODER, T5_ENCODER, init_weights, lm_head_backward, lm_head_forward, stack_backward,
-                    stack_forward, stack_param_shapes)
+from .stack import (T5_DECODER, T5_ENCODER, T5G2_DECODER, init_weights, lm_head_backward, lm_head_forward,
+                    stack_backward, stack_forward, stack_param_shapes)
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
-ENC_EMBED = "model.encoder.embed_tokens.weight"
+ENC_EMBED = "model.encoder.embed_tokens.weight"     # T5Gemma 2: the one table of the whole model
 DEC_EMBED = "model.decoder.embed_tokens.weight"
-TIED_HEAD = "lm_head.out_proj.weight"      # tied to DEC_EMBED; ignored when a checkpoint stores it
+EOI = "model.encoder.embed_tokens.eoi_embedding"    # T5Gemma 2 only
+TIED_HEAD = "lm_head.out_proj.weight"      # tied to the decoder's table; ignored when a checkpoint stores it
+# Names a T5Gemma 2 checkpoint may store for what is tied: read past, never used.
+TIED_T5G2 = (TIED_HEAD, DEC_EMBED, "model.decoder.embed_tokens.eoi_embedding")
 # The decoder with its cross-attention sublayers skipped: the adaptation check's ablation.
 _DECODER_WITHOUT_CROSS = dataclasses.replace(T5_DECODER, cross_attn=None)
 
 
+def decoder_names(config: T5GemmaConfig):
+    """The decoder's names: T5Gemma's has cross-attention, T5Gemma 2's merged attention."""
+    return T5G2_DECODER if config.merged_attention else T5_DECODER
+
+
+def head_table(config: T5GemmaConfig) -> str:
+    """The table the LM head is tied to (the decoder's embedding)."""
+    return decoder_names(config).embedding
+
+
+def _eoi(config: T5GemmaConfig):
+    return (config.eoi_token_index, EOI) if config.family == "t5gemma2" else None
+
+
 def param_shapes(config: T5GemmaConfig) -> dict[str, tuple[int, ...]]:
-    return {**stack_param_shapes(config.encoder, T5_ENCODER), **stack_param_shapes(config.decoder, T5_DECODER)}
+    shapes = {**stack_param_shapes(config.encoder, T5_ENCODER),
+              **stack_param_shapes(config.decoder, decoder_names(config))}
+    if config.family == "t5gemma2":
+        shapes[EOI] = (config.encoder.hidden_size,)
+    return shapes
 
 
 def cross_attention_names(config: T5GemmaConfig) -> list[str]:
@@ -79,16 +107,30 @@ def decoder_masks(c: GemmaConfig, decoder_attention_mask):
             for i in range(c.num_hidden_layers)]
 
 
+def merged_masks(c: GemmaConfig, decoder_attention_mask, attention_mask, S):
+    """T5Gemma 2: one mask per decoder layer over [its own keys, the S encoder keys]: the
+    causal (sliding) rule on its own, every real encoder key visible (never windowed)."""
+    return [Mask(causal=True, window=c.window(i), key_mask=decoder_attention_mask, extra_keys=S,
+                 extra_key_mask=attention_mask) for i in range(c.num_hidden_layers)]
+
+
 def encode(params, config: T5GemmaConfig, input_ids, attention_mask, record=None, backend="numpy"):
     """The encoder output (B, S, De) and its cache."""
     return stack_forward(params, config.encoder, T5_ENCODER, input_ids, encoder_masks(config.encoder, attention_mask),
-                         record=record, backend=backend)
+                         record=record, backend=backend, eoi=_eoi(config))
 
 
 def decode(params, config: T5GemmaConfig, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
            record=None, cross_attention=True, backend="numpy"):
     """The decoder's final-normed hidden states (B, T, Dd) and their cache.
-    `cross_attention=False` skips every cross-attention sublayer (an ablation switch)."""
+    `cross_attention=False` (an ablation switch) skips every cross-attention sublayer; in
+    T5Gemma 2 it hides every encoder key from the merged attention instead."""
+    if config.merged_attention:
+        hidden = np.zeros(enc_out.shape[:2], dtype=bool)
+        masks = merged_masks(config.decoder, decoder_attention_mask,
+                             attention_mask if cross_attention else hidden, enc_out.shape[1])
+        return stack_forward(params, config.decoder, T5G2_DECODER, decoder_input_ids, masks, cross=(enc_out, None),
+                             record=record, backend=backend, eoi=_eoi(config))
     names = T5_DECODER if cross_attention else _DECODER_WITHOUT_CROSS
     return stack_forward(params, config.decoder, names, decoder_input_ids,
                          decoder_masks(config.decoder, decoder_attention_mask),
@@ -101,7 +143,7 @@ def forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attenti
     enc_out, enc_c = encode(params, config, input_ids, attention_mask, record, backend)  # (B, S, De)
     h, dec_c = decode(params, config, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
                       record, cross_attention, backend)                                 # (B, T, Dd)
-    logits, head_c = lm_head_forward(h, params[DEC_EMBED], config.decoder.final_logit_softcapping)
+    logits, head_c = lm_head_forward(h, params[head_table(config)], config.decoder.final_logit_softcapping)
     if record is not None:
         record["logits"] = logits
     return logits, (enc_c, dec_c, head_c)
@@ -118,9 +160,12 @@ def backward(dlogits, cache):
 def _backward_below_head(dh, dtable_head, enc_c, dec_c):
     """The decoder, then the encoder, given the gradients the LM head sent back."""
     grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
-    grads[DEC_EMBED] = grads[DEC_EMBED] + dtable_head            # tied: the decoder table is also the head
+    table = dec_c[1].embedding                                   # the cache holds the decoder's names
+    grads[table] = grads[table] + dtable_head                    # tied: the decoder table is also the head
     enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
-    return {**enc_grads, **grads}
+    for name, g in enc_grads.items():                            # a table both stacks read (T5Gemma 2): sum
+        grads[name] = grads[name] + g if name in grads else g
+    return grads
 
 
 def loss_forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attention_mask,
@@ -132,7 +177,8 @@ def loss_forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, at
     h, dec_c = decode(params, config, enc_out, attention_mask, decoder_input_ids, decoder_attention_mask,
                       backend=backend)                                                  # (B, T, Dd)
     kern = backend_kernels(backend)
-    loss, head_c = kern.lm_head_loss_forward(h, params[DEC_EMBED], targets, config.decoder.final_logit_softcapping)
+    loss, head_c = kern.lm_head_loss_forward(h, params[head_table(config)], targets,
+                                             config.decoder.final_logit_softcapping)
     return loss, (enc_c, dec_c, head_c, kern)
 
 
@@ -151,7 +197,7 @@ class T5GemmaModel:
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.backend = check_backend(backend)
-        self.params = check_params({k: v for k, v in params.items() if k != TIED_HEAD},
+        self.params = check_params({k: v for k, v in params.items() if k not in self.tied_names},
                                    param_shapes(config), self.dtype)
 
     @classmethod
@@ -161,12 +207,18 @@ class T5GemmaModel:
     def _inputs(self, input_ids, attention_mask):
         ids = check_ids(input_ids, self.config.encoder.vocab_size, "input_ids")
         mask = check_mask(attention_mask, ids.shape, "attention_mask")
-        return ids, (ids != self.config.encoder.pad_token_id) if mask is None else mask
+        if mask is None and self.config.family == "t5gemma":     # T5Gemma 2 derives no mask (module docstring)
+            mask = ids != self.config.encoder.pad_token_id
+        return ids, mask
 
-    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask):
+    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, batch):
         ids = check_ids(decoder_input_ids, self.config.decoder.vocab_size, "decoder_input_ids")
+        if ids.shape[0] != batch:
+            raise ValueError(f"decoder_input_ids have batch {ids.shape[0]} but input_ids have batch {batch}")
         mask = check_mask(decoder_attention_mask, ids.shape, "decoder_attention_mask")
-        return ids, (ids != self.config.decoder.pad_token_id) if mask is None else mask
+        if mask is None and self.config.family == "t5gemma":
+            mask = ids != self.config.decoder.pad_token_id
+        return ids, mask
 
     def encode(self, input_ids, attention_mask=None):
         """The encoder's output (B, S, De) after its final norm."""
@@ -177,7 +229,7 @@ class T5GemmaModel:
                record=None, cross_attention=True):
         """(B, T, V) logits, final softcap applied. Masks default to `ids != pad`."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        dec_ids, dec_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask)
+        dec_ids, dec_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, ids.shape[0])
         return forward(self.params, self.config, ids, dec_ids, mask, dec_mask, record, cross_attention,
                        self.backend)[0]
 
@@ -189,7 +241,8 @@ class T5GemmaModel:
         labels = check_labels(labels, np.atleast_2d(labels).shape, dec.vocab_size)
         if labels.shape[0] != ids.shape[0]:
             raise ValueError(f"labels have batch {labels.shape[0]} but input_ids have batch {ids.shape[0]}")
-        dec_ids, dec_mask = self._decoder_inputs(shift_right(labels, dec.bos_token_id, dec.pad_token_id), None)
+        dec_ids, dec_mask = self._decoder_inputs(shift_right(labels, dec.bos_token_id, dec.pad_token_id), None,
+                                                 ids.shape[0])
         loss, cache = loss_forward(self.params, self.config, ids, dec_ids, mask, dec_mask, labels,
                                    self.backend)                 # labels are already the targets
         return loss, loss_backward(cache)
@@ -200,12 +253,16 @@ class T5GemmaModel:
         return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature,
                         top_k, top_p, seed, min_new_tokens, eos_token_id, stream)
 
-    tied_names = (TIED_HEAD,)    # present in some checkpoints, always ignored (tied to the embedding)
+    @property
+    def tied_names(self):
+        """Names some checkpoints store for tied tensors: always ignored (they are the table)."""
+        return TIED_T5G2 if self.config.family == "t5gemma2" else (TIED_HEAD,)
 
     def hf_config(self) -> dict:
         """The config.json transformers reads for this model."""
         return self.config.to_hf_dict()
 
     def save_pretrained(self, path, dtype=None):
-        """A T5GemmaForConditionalGeneration directory that transformers loads."""
+        """A T5GemmaForConditionalGeneration / T5Gemma2ForConditionalGeneration directory that
+        transformers loads (T5Gemma 2: with no vision weights; see T5GemmaConfig.to_hf_dict)."""
         save_tensors(path, self.params, self.hf_config(), dtype=dtype)

@@ -145,10 +145,112 @@ def test_attention_block_self_and_cross():
 
     y, cache = f()
     up = rng.normal(size=y.shape)
-    dx, dsrc, dws = A.attention_block_backward(up, cache)
+    dx, dsrc, dmem, dws = A.attention_block_backward(up, cache)
+    assert dmem is None
     for name, arr, g in [("x", x, dx), ("source", src, dsrc)] + [(n, w[n], dws[n]) for n in w]:
         gradcheck(name, lambda: weighted_sum(f()[0], up), arr, g, rng)
     assert np.all(dsrc[1, 3:] == 0)                              # padded encoder keys get no gradient
+
+
+def _gemma3_weights(D, H, K, Dh):
+    return {"q_proj": rng.normal(size=(H * Dh, D)), "k_proj": rng.normal(size=(K * Dh, D)),
+            "v_proj": rng.normal(size=(K * Dh, D)), "o_proj": rng.normal(size=(D, H * Dh)),
+            "q_norm": rng.normal(0, 0.5, Dh), "k_norm": rng.normal(0, 0.5, Dh)}   # non-zero norms
+
+
+def _by_hand(x, keys_from, w, allowed, H, K, Dh, rope, scale, eps, cap=None):
+    """Gemma 3 / T5Gemma 2 attention written out with loops over heads: an independent
+    formulation. keys_from: [(source, use_rope)] whose keys are concatenated in order."""
+    def heads(a, wname, n):
+        return (a @ w[wname].T).reshape(a.shape[0], a.shape[1], n, Dh).transpose(0, 2, 1, 3)
+
+    def norm(a, wn):
+        return a / np.sqrt(np.mean(a * a, -1, keepdims=True) + eps) * (1 + wn)
+
+    def rotate(a):
+        cos, sin = rope
+        return a * cos + np.concatenate([-a[..., Dh // 2:], a[..., :Dh // 2]], -1) * sin
+
+    q = rotate(norm(heads(x, "q_proj", H), w["q_norm"]))
+    ks, vs = [], []
+    for src, use_rope in keys_from:
+        k = norm(heads(src, "k_proj", K), w["k_norm"])
+        ks.append(rotate(k) if use_rope else k)
+        vs.append(heads(src, "v_proj", K))
+    k, v = np.concatenate(ks, 2), np.concatenate(vs, 2)
+    out = np.zeros((x.shape[0], H, x.shape[1], Dh))
+    for b in range(x.shape[0]):
+        for h in range(H):
+            s = q[b, h] @ k[b, h // (H // K)].T * scale
+            s = s if cap is None else cap * np.tanh(s / cap)
+            s = np.where(allowed[b], s, -np.inf)
+            with np.errstate(invalid="ignore"):                       # a row with no visible key: NaN
+                p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = p / p.sum(-1, keepdims=True) @ v[b, h // (H // K)]
+    return out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], H * Dh) @ w["o_proj"].T
+
+
+def test_qk_norm_attention_block_gemma3():
+    """QK-norm (RMSNorm over head_dim, before RoPE) on self-attention: finite differences
+    for every input and weight, and the loop formulation above."""
+    B, T, D, H, K, Dh = 2, 5, 8, 4, 1, 6
+    w, x = _gemma3_weights(D, H, K, Dh), rng.normal(size=(B, T, D))
+    rope = L.rope_cos_sin(np.arange(T), Dh, 10_000.0, np.float64)
+    mask = A.Mask(causal=True, window=3, key_mask=np.array([[1] * 5, [0, 1, 1, 1, 1]]))
+
+    def f():
+        return A.attention_block_forward(x, x, w, mask, H, K, 0.3, None, rope, eps=1e-6)
+
+    y, cache = f()
+    want = _by_hand(x, [(x, True)], w, mask.dense(T, T), H, K, Dh, rope, 0.3, 1e-6)
+    keep = mask.dense(T, T).any(-1)                                   # rows with a visible key
+    assert_close("qk-norm block", y[keep], want[keep], RTOL_F64)
+    up = rng.normal(size=y.shape)
+    dx, dsrc, _, dws = A.attention_block_backward(up, cache)
+    assert set(dws) == set(w)
+    for name, arr, g in [("x", x, dx + dsrc)] + [(n, w[n], dws[n]) for n in w]:
+        gradcheck(name, lambda: weighted_sum(f()[0], up), arr, g, rng)
+
+
+def test_merged_attention_block_t5gemma2():
+    """T5Gemma 2's merged attention: keys [RoPE(k_norm(k(x))), k_norm(k(enc))], values
+    [v(x), v(enc)], one softmax under [causal sliding self mask | encoder padding]. Checked
+    against the loop formulation, and every gradient (x, the encoder output, the shared
+    weights) against finite differences."""
+    B, T, S, D, H, K, Dh = 2, 5, 4, 8, 4, 2, 6
+    w, x, enc = _gemma3_weights(D, H, K, Dh), rng.normal(size=(B, T, D)), rng.normal(size=(B, S, D))
+    rope = L.rope_cos_sin(np.arange(T), Dh, 10_000.0, np.float64)
+    enc_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    mask = A.Mask(causal=True, window=2, extra_keys=S, extra_key_mask=enc_mask)
+    allowed = mask.dense(T, T + S)                                    # (B, T, T + S)
+    assert allowed.shape == (B, T, T + S) and not allowed[1, :, T + 2:].any()
+    assert allowed[:, :, T:T + 2].all()                               # every query sees the real encoder keys
+
+    def f():
+        return A.attention_block_forward(x, x, w, mask, H, K, 0.3, 2.0, rope, eps=1e-6, memory=enc)
+
+    y, cache = f()                                                    # a softcap of 2 bites
+    want = _by_hand(x, [(x, True), (enc, False)], w, allowed, H, K, Dh, rope, 0.3, 1e-6, cap=2.0)
+    assert_close("merged attention", y, want, RTOL_F64)
+    up = rng.normal(size=y.shape)
+    dx, dsrc, dmem, dws = A.attention_block_backward(up, cache)
+    assert np.all(dmem[1, 2:] == 0)                                   # padded encoder keys: no gradient
+    for name, arr, g in [("x", x, dx + dsrc), ("encoder output", enc, dmem)] + [(n, w[n], dws[n]) for n in w]:
+        gradcheck(name, lambda: weighted_sum(f()[0], up), arr, g, rng)
+
+
+def test_t5gemma2_bidirectional_window_rule():
+    """transformers' T5Gemma 2 encoder window (sliding_window_mask_function(w, is_causal=False)),
+    re-derived here from its two half-windows, against mask_pattern's "t5gemma2" rule."""
+    for w in (1, 2, 3, 4, 7, 8):
+        left, right = (w + 1) // 2, w // 2 + 1
+        d = np.arange(12)[:, None] - np.arange(12)[None, :]           # q_idx - kv_idx
+        want = ((d >= 0) & (d < left)) | ((d < 0) & (-d < right))
+        got = A.mask_pattern(12, 12, causal=False, window=w, rule="t5gemma2")
+        assert np.array_equal(got, want), w
+        assert got[6].sum() == w                                      # w keys for a query far from the ends
+    assert not np.array_equal(A.mask_pattern(12, 12, window=4, rule="t5gemma2"),
+                              A.mask_pattern(12, 12, window=4, rule="le"))   # not T5Gemma's rule
 
 
 def test_cross_entropy_matches_definition_and_ignores():

@@ -21,7 +21,8 @@ from helpers import MatmulCounter
 from minencdec.model import attention, gemma2, t5gemma
 from minencdec.model import efficiency as E
 from minencdec.model import generate as G
-from minencdec.model.config import PRESETS, T5GemmaConfig, num_parameters
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import PRESETS, num_parameters
 
 CASES = list(cases.GEMMA2_CASES) + list(cases.T5GEMMA_CASES)
 LENGTHS = [(1, 1), (5, 9), (9, 4), (3, 12)]         # input, output: shorter and longer than windows 1-4

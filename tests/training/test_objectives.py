@@ -13,7 +13,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minencdec.model.config import T5GemmaConfig, preset
+from minencdec.model.config import T5GemmaConfig
+from minencdec.model.presets import preset
 from minencdec.training.objectives import (IGNORE_INDEX, UL2_DENOISERS, SpecialIds, causal_lm, prefix_lm,
                                            prefix_lm_batch, random_spans_noise_mask, sample_denoiser,
                                            span_corruption, span_corruption_from_mask, ul2_batch,

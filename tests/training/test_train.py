@@ -11,7 +11,7 @@ import pytest
 
 from minencdec.model import gemma2
 from minencdec.files.checkpoint import CheckpointError
-from minencdec.model.config import preset
+from minencdec.model.presets import preset
 from minencdec.training.train import NonFiniteLoss, TrainConfig, train
 
 CONFIG = preset("nano", vocab_size=64, num_hidden_layers=2)

@@ -2,9 +2,13 @@
 
 A linear head reads one position of a stack's final hidden states:
   - encoder-decoder: the T5Gemma *encoder*'s last non-pad token, head `score.out_proj`
-    with a bias (transformers' T5GemmaForSequenceClassification, is_encoder_decoder=False);
-  - decoder-only baseline: Gemma 2's last non-pad token, head `score` without a bias
-    (transformers' Gemma2ForSequenceClassification: it has no bias, so neither do we).
+    with a bias (transformers' T5GemmaForSequenceClassification, is_encoder_decoder=False).
+    The same on a T5Gemma 2 encoder; transformers has no encoder-only T5Gemma 2 classifier
+    (its T5Gemma2ForSequenceClassification reads the decoder), so that checkpoint gets a
+    model_type of minencdec's own, which transformers refuses rather than misreads;
+  - decoder-only baseline: the last non-pad token of a Gemma 2 (Gemma 3) stack, head `score`
+    without a bias (transformers' Gemma2ForSequenceClassification,
+    Gemma3TextForSequenceClassification: no bias, so neither here).
 "Last non-pad" is transformers' rule: the rightmost position whose id is not pad, which
 handles left and right padding alike. The loss is the mean cross-entropy over the batch.
 
@@ -22,7 +26,10 @@ from .config import T5GemmaConfig
 from .backend import check_backend
 from .layers import linear_backward, linear_forward
 from .losses import cross_entropy_backward, cross_entropy_forward
-from .stack import GEMMA2, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
+from .stack import EOI_EMBEDDING, GEMMA2, T5_ENCODER, stack_backward, stack_forward, stack_param_shapes
+
+# The model_type of a T5Gemma 2 encoder classifier checkpoint (minencdec's own, see above).
+T5GEMMA2_ENCODER_CLASSIFIER = "minencdec_t5gemma2_encoder_classifier"
 from .validate import check_ids, check_mask, check_params, resolve_dtype
 
 
@@ -47,20 +54,30 @@ def head_backward(dlogits, cache):
 
 
 class Classifier:
-    """A stack plus a head. kind "t5gemma": a T5Gemma encoder; "gemma2": a Gemma 2 stack.
-    params: the stack's tensors (HF names) plus the head's. backend: see backend.py."""
+    """A stack plus a head. kind "t5gemma": the encoder of a T5Gemma (or, with a Gemma 3
+    stack config, a T5Gemma 2: then `eoi_token_index` is its eoi token); "gemma2": a
+    decoder-only Gemma 2 or Gemma 3 stack. params: the stack's tensors (HF names) plus the
+    head's. backend: see backend.py."""
 
-    def __init__(self, kind, stack_config, params, num_labels, dtype="float32", backend="numpy"):
+    def __init__(self, kind, stack_config, params, num_labels, dtype="float32", backend="numpy",
+                 eoi_token_index=None):
         if kind not in ("t5gemma", "gemma2"):
             raise ValueError(f"kind must be 't5gemma' or 'gemma2', got {kind!r}")
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got num_labels={num_labels!r}")
         self.kind, self.config, self.num_labels = kind, stack_config, num_labels
         self.dtype = resolve_dtype(dtype)
         self.backend = check_backend(backend)
         self.names = T5_ENCODER if kind == "t5gemma" else GEMMA2
         self.head = ("score.out_proj.weight", "score.out_proj.bias") if kind == "t5gemma" else ("score.weight", None)
+        self.eoi = None
+        if kind == "t5gemma" and stack_config.family == "gemma3":      # a T5Gemma 2 encoder embeds eoi too
+            self.eoi = (256_000 if eoi_token_index is None else eoi_token_index, EOI_EMBEDDING)
         shapes = {**stack_param_shapes(stack_config, self.names), self.head[0]: (num_labels, stack_config.hidden_size)}
         if self.head[1]:
             shapes[self.head[1]] = (num_labels,)
+        if self.eoi:
+            shapes[EOI_EMBEDDING] = (stack_config.hidden_size,)
         self.params = check_params(params, shapes, self.dtype)
 
     @classmethod
@@ -71,25 +88,33 @@ class Classifier:
         cfg = model.config.encoder if is_t5 else model.config
         names = T5_ENCODER if is_t5 else GEMMA2
         params = {k: model.params[k] for k in stack_param_shapes(cfg, names)}
+        eoi = model.config.eoi_token_index if is_t5 else None
+        if eoi is not None:
+            params[EOI_EMBEDDING] = model.params[EOI_EMBEDDING]
         rng = np.random.default_rng(seed)
         key = "score.out_proj.weight" if is_t5 else "score.weight"
         params[key] = rng.normal(0, std, (num_labels, cfg.hidden_size)).astype(model.dtype)
         if is_t5:
             params["score.out_proj.bias"] = np.zeros(num_labels, dtype=model.dtype)
-        return cls("t5gemma" if is_t5 else "gemma2", cfg, params, num_labels, model.dtype, model.backend)
+        return cls("t5gemma" if is_t5 else "gemma2", cfg, params, num_labels, model.dtype, model.backend, eoi)
 
     tied_names = ()
 
     def hf_config(self) -> dict:
         """config.json for transformers' T5GemmaForSequenceClassification (encoder-only:
-        is_encoder_decoder false; the decoder sub-config is unused and mirrors the encoder)
-        or Gemma2ForSequenceClassification."""
+        is_encoder_decoder false; the decoder sub-config is unused and mirrors the encoder),
+        Gemma2ForSequenceClassification or Gemma3TextForSequenceClassification; for a T5Gemma 2
+        encoder, a T5Gemma 2 config under minencdec's own model_type (module docstring)."""
         if self.kind == "t5gemma":
-            d = T5GemmaConfig(self.config, self.config).to_hf_dict()
+            eoi = self.eoi[0] if self.eoi else None
+            d = T5GemmaConfig(self.config, self.config, eoi_token_index=eoi).to_hf_dict()
             d.update(architectures=["T5GemmaForSequenceClassification"], is_encoder_decoder=False)
+            if self.eoi:
+                d.update(model_type=T5GEMMA2_ENCODER_CLASSIFIER, architectures=["T5Gemma2EncoderClassifier"])
         else:
-            d = self.config.to_hf_dict("gemma2")
-            d["architectures"] = ["Gemma2ForSequenceClassification"]
+            d = self.config.to_hf_dict()
+            d["architectures"] = ["Gemma2ForSequenceClassification" if self.config.family == "gemma2"
+                                  else "Gemma3TextForSequenceClassification"]
         d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         return d
@@ -106,7 +131,7 @@ class Classifier:
             masks = t5gemma.encoder_masks(c, mask)
         else:
             masks = gemma2.self_attention_masks(c, mask)
-        h, stack_c = stack_forward(self.params, c, self.names, ids, masks, backend=self.backend)   # (B, T, D)
+        h, stack_c = stack_forward(self.params, c, self.names, ids, masks, backend=self.backend, eoi=self.eoi)
         bias = self.params[self.head[1]] if self.head[1] else None
         logits, head_c = head_forward(h, last_non_pad(ids, c.pad_token_id), self.params[self.head[0]], bias)
         return logits, (stack_c, head_c)

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attention import Mask, _merge_heads, _split_heads, cross_mask
+from .attention import Mask, _heads_forward, _merge_heads, _split_heads, cross_mask
 from .backend import kernels as backend_kernels
 from .config import GemmaConfig, T5GemmaConfig
-from .layers import embedding_forward, linear_forward, rope_cos_sin, rope_forward
-from .stack import GEMMA2, T5_DECODER, _sandwich_forward, lm_head_forward
+from .layers import linear_forward
+from .stack import (EOI_EMBEDDING, GEMMA2, T5_DECODER, T5G2_DECODER, _attention_weights, _sandwich_forward,
+                    embed_forward, lm_head_forward, rope_tables)
 from .validate import check_ids, check_mask
 
 # ---------------------------------------------------------------------------- the cache
@@ -67,14 +68,14 @@ def _cross_key_mask(cross_mask_):
     return cross_mask(cross_mask_)
 
 
-def _cached_self_attention(x, w, cache, i, c, rope, q_slots, kern):
+def _cached_self_attention(x, w, cache, i, c, rope, q_slots, kern, merged=False):
     """Self-attention of the new tokens over the kept keys plus their own; updates layer i.
-    x (B, T, D) -> (B, T, D). kern: the backend's Kernels (backend.py)."""
-    H, K = c.num_attention_heads, c.num_key_value_heads
-    q = _split_heads(linear_forward(x, w["q_proj"])[0], H)         # (B, H, T, Dh)
-    k = _split_heads(linear_forward(x, w["k_proj"])[0], K)         # (B, K, T, Dh)
-    v = _split_heads(linear_forward(x, w["v_proj"])[0], K)         # (B, K, T, Dh)
-    q, k = rope_forward(q, *rope)[0], rope_forward(k, *rope)[0]   # rotated by each token's position
+    merged (T5Gemma 2): the encoder's keys and values (cache.cross[i]) join them, visible to
+    every query unless padded. x (B, T, D) -> (B, T, D). kern: the backend's Kernels."""
+    H, K, eps, norm = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps, kern.rmsnorm_forward
+    q = _heads_forward(x, w["q_proj"], H, w.get("q_norm"), eps, rope, norm)[0]      # (B, H, T, Dh)
+    k = _heads_forward(x, w["k_proj"], K, w.get("k_norm"), eps, rope, norm)[0]      # (B, K, T, Dh)
+    v = _heads_forward(x, w["v_proj"], K, None, eps, None, norm)[0]                 # (B, K, T, Dh)
     keys = np.concatenate([cache.keys[i], k], axis=2)              # (B, K, L + T, Dh)
     values = np.concatenate([cache.values[i], v], axis=2)
     slots = np.concatenate([cache.slots[i], q_slots])              # (L + T,)
@@ -83,7 +84,13 @@ def _cached_self_attention(x, w, cache, i, c, rope, q_slots, kern):
     # q_slots[t]: a causal (sliding) mask with the queries q_slots[0] - slots[0] further on.
     mask = Mask(causal=True, window=window, key_mask=cache.valid[:, slots],
                 q_offset=int(q_slots[0] - slots[0]))              # padding keys hidden
-    o = kern.decode_attention(q, keys, values, mask, c.query_pre_attn_scalar ** -0.5,
+    all_keys, all_values = keys, values
+    if merged:                                                     # + the encoder's, never windowed
+        (k_enc, v_enc), extra = cache.cross[i], _cross_key_mask(cache.cross_mask)
+        all_keys = np.concatenate([keys, k_enc], axis=2)           # (B, K, L + T + S, Dh)
+        all_values = np.concatenate([values, v_enc], axis=2)
+        mask = mask._replace(extra_keys=k_enc.shape[2], extra_key_mask=extra.key_mask)
+    o = kern.decode_attention(q, all_keys, all_values, mask, c.query_pre_attn_scalar ** -0.5,
                               c.attn_logit_softcapping)            # (B, H, T, Dh)
     keep = len(slots) if window is None else min(window - 1, len(slots))   # what the next query may see
     start = len(slots) - keep
@@ -99,22 +106,34 @@ def _cross_attention(x, w, kv, cross_mask, c, kern):
     return linear_forward(_merge_heads(o), w["o_proj"])[0], None   # (B, T, D)
 
 
-def stack_step(params, c, names, ids, positions, valid, cache, backend="numpy"):
+def encoder_keys(params, c, names, enc_out, kern):
+    """Per decoder layer, the (keys, values) it reads from the encoder output, computed once:
+    T5Gemma's cross_attn k/v, or T5Gemma 2's self_attn k (k_norm'ed, no RoPE) and v.
+    (B, K, S, Dh) each, made contiguous once rather than copied by every step."""
+    out, K = [], c.num_key_value_heads
+    for i in range(c.num_hidden_layers):
+        w = _attention_weights(params, f"{names.prefix}layers.{i}.", c, "self_attn" if names.merged else "cross_attn")
+        k = _heads_forward(enc_out, w["k_proj"], K, w.get("k_norm"), c.rms_norm_eps, None, kern.rmsnorm_forward)[0]
+        v = _heads_forward(enc_out, w["v_proj"], K, None, c.rms_norm_eps, None, kern.rmsnorm_forward)[0]
+        out.append((np.ascontiguousarray(k), np.ascontiguousarray(v)))
+    return out
+
+
+def stack_step(params, c, names, ids, positions, valid, cache, backend="numpy", eoi=None):
     """Feed T new tokens (B, T) at RoPE `positions` (B, T) through a stack with its cache;
     `valid` (B, T) marks real tokens. Returns the final-normed hidden states (B, T, D)."""
     P, eps, kern = names.prefix, c.rms_norm_eps, backend_kernels(backend)
-    table = params[f"{P}embed_tokens.weight"]
     q_slots = cache.valid.shape[1] + np.arange(ids.shape[1])       # (T,) absolute slots of the new tokens
     cache.valid = np.concatenate([cache.valid, valid.astype(bool)], axis=1)
-    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, table.dtype)   # (B, T, Dh) each
-    rope = (cos[:, None], sin[:, None])                            # (B, 1, T, Dh): every head alike
-    h = embedding_forward(ids, table)[0]                           # (B, T, D)
+    ropes = rope_tables(c, positions, params[names.embedding].dtype)   # per layer type: (B, T, Dh) each
+    h = embed_forward(params, names, c, ids, eoi)[0]               # (B, T, D)
     for i in range(c.num_hidden_layers):
         p = f"{P}layers.{i}."
         norm = lambda n: params[f"{p}{n}.weight"]                  # noqa: E731
-        attn = {n: params[f"{p}self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        cos, sin = ropes[c.layer_types[i]]
+        rope = (cos[:, None], sin[:, None])                        # (B, 1, T, Dh): every head alike
         h = _sandwich_forward(kern, h, *map(norm, names.self_attn), eps, _cached_self_attention,
-                              attn, cache, i, c, rope, q_slots, kern)[0]
+                              _attention_weights(params, p, c), cache, i, c, rope, q_slots, kern, names.merged)[0]
         if names.cross_attn:
             xattn = {n: params[f"{p}cross_attn.{n}.weight"] for n in ("q_proj", "o_proj")}
             h = _sandwich_forward(kern, h, *map(norm, names.cross_attn), eps, _cross_attention,
@@ -151,16 +170,15 @@ def start(model, input_ids, attention_mask=None):
         enc_c, c = model.config.encoder, model.config.decoder
         ids, mask = _prompt(input_ids, attention_mask, enc_c, "input_ids")
         enc_out = model.encode(ids, mask)                                        # (B, S, De), once
+        names = _decoder_names(model)
         cache = empty_cache(c, ids.shape[0], model.dtype)
         cache.cross_mask = mask
-        cache.cross = [tuple(np.ascontiguousarray(_split_heads(linear_forward(enc_out, model.params[
-            f"model.decoder.layers.{i}.cross_attn.{n}.weight"])[0], c.num_key_value_heads))
-            for n in ("k_proj", "v_proj")) for i in range(c.num_hidden_layers)]   # (B, K, S, Dh) each, once
-        # (contiguous once here, rather than copied by every step that reads them)
+        cache.cross = encoder_keys(model.params, c, names, enc_out, backend_kernels(model.backend))
         bos = np.full((ids.shape[0], 1), c.bos_token_id, dtype=np.int64)          # decoder_start_token_id
         state = DecodeState(model, cache, np.ones(len(ids), np.int64), bos)
-        h = stack_step(model.params, c, T5_DECODER, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend)
-        return state, _last_logits(model, h, model.params[_embedding(T5_DECODER)], c)
+        h = stack_step(model.params, c, names, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend,
+                       _eoi_of(model))
+        return state, _last_logits(model, h, model.params[names.embedding], c)
     c = decoder_config(model)
     ids, mask = _prompt(input_ids, attention_mask, c, "input_ids")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
@@ -170,19 +188,18 @@ def start(model, input_ids, attention_mask=None):
     cache = empty_cache(c, ids.shape[0], model.dtype)
     h = stack_step(model.params, c, GEMMA2, ids, positions, mask, cache, model.backend)     # (B, T, D)
     state = DecodeState(model, cache, positions[:, -1] + 1, ids)
-    return state, _last_logits(model, h, model.params[_embedding(GEMMA2)], c)
+    return state, _last_logits(model, h, model.params[GEMMA2.embedding], c)
 
 
 def step(state, tokens):
     """Feed one token per row (B,) and return the logits (B, V) of the next one."""
     c = decoder_config(state.model)
-    names = T5_DECODER if isinstance(state.model.config, T5GemmaConfig) else GEMMA2
-    table = _embedding(names)
+    names = _decoder_names(state.model)
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)       # (B, 1)
     h = stack_step(state.model.params, c, names, ids, state.next_position[:, None],
-                   np.ones_like(ids), state.cache, state.model.backend)
+                   np.ones_like(ids), state.cache, state.model.backend, _eoi_of(state.model))
     state.next_position = state.next_position + 1
-    return _last_logits(state.model, h, state.model.params[table], c)
+    return _last_logits(state.model, h, state.model.params[names.embedding], c)
 
 
 def decoder_config(model):
@@ -197,9 +214,21 @@ def decoder_config(model):
     raise TypeError(f"generate needs a Gemma2Model or a T5GemmaModel, got {type(model).__name__}")
 
 
-def _embedding(names):
-    """The embedding table (tied to the LM head) of a stack: e.g. model.decoder.embed_tokens.weight."""
-    return f"{names.prefix}embed_tokens.weight"
+def _decoder_names(model):
+    """The names of the stack that generates (model.t5gemma.decoder_names, without importing it:
+    the model classes import this module)."""
+    config = model.config
+    if not isinstance(config, T5GemmaConfig):
+        return GEMMA2
+    return T5G2_DECODER if config.merged_attention else T5_DECODER
+
+
+def _eoi_of(model):
+    """T5Gemma 2's (eoi token id, eoi_embedding's name), as t5gemma.py passes it; else None."""
+    config = model.config
+    if isinstance(config, T5GemmaConfig) and config.family == "t5gemma2":
+        return config.eoi_token_index, EOI_EMBEDDING
+    return None
 
 
 def _prompt(input_ids, attention_mask, c, name):

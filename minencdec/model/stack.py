@@ -51,6 +51,8 @@ T5_DECODER = Names("model.decoder.", ("pre_self_attn_layernorm", "post_self_attn
                    record_prefix="decoder.")
 T5G2_DECODER = Names("model.decoder.", ("pre_self_attn_layernorm", "post_self_attn_layernorm"),
                      merged=True, table=T5_ENCODER.embedding, record_prefix="decoder.")
+# T5Gemma 2's vector for its eoi token, beside the one table (see embed_forward).
+EOI_EMBEDDING = T5_ENCODER.prefix + "embed_tokens.eoi_embedding"
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")

@@ -38,13 +38,13 @@ from .backend import kernels as backend_kernels
 from .config import GemmaConfig, T5GemmaConfig
 from .losses import IGNORE_INDEX
 from .generate import generate
-from .stack import (T5_DECODER, T5_ENCODER, T5G2_DECODER, init_weights, lm_head_backward, lm_head_forward,
+from .stack import (EOI_EMBEDDING, T5_DECODER, T5_ENCODER, T5G2_DECODER, init_weights, lm_head_backward, lm_head_forward,
                     stack_backward, stack_forward, stack_param_shapes)
 from .validate import check_ids, check_labels, check_mask, check_params, resolve_dtype
 
 ENC_EMBED = "model.encoder.embed_tokens.weight"     # T5Gemma 2: the one table of the whole model
 DEC_EMBED = "model.decoder.embed_tokens.weight"
-EOI = "model.encoder.embed_tokens.eoi_embedding"    # T5Gemma 2 only
+EOI = EOI_EMBEDDING                                 # T5Gemma 2 only
 TIED_HEAD = "lm_head.out_proj.weight"      # tied to the decoder's table; ignored when a checkpoint stores it
 # Names a T5Gemma 2 checkpoint may store for what is tied: read past, never used.
 TIED_T5G2 = (TIED_HEAD, DEC_EMBED, "model.decoder.embed_tokens.eoi_embedding")

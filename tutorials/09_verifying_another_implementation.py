@@ -26,6 +26,7 @@
 
 # %%
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -47,8 +48,8 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 
 from minencdec import cli
-from minencdec.model import stack
 from minencdec import verify
+from minencdec.model import backend
 from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import preset
 from minencdec.model.layers import rmsnorm_forward
@@ -158,13 +159,14 @@ print(f"first divergence: {first.name}, max rel {first.max_rel:.1e}. At float32'
 
 # %%
 def numpy_port(rmsnorm):
-    """A NumPy 'port': minencdec's stack with a foreign RMSNorm swapped in."""
-    original = stack.rmsnorm_forward
-    stack.rmsnorm_forward = lambda x, w, eps: (rmsnorm(x, w, eps), None)
+    """A NumPy 'port': minencdec's reference with a foreign RMSNorm swapped into the record of
+    functions the stack calls (minencdec.model.backend.NUMPY; the forward pass needs no cache)."""
+    original = backend.NUMPY
+    backend.NUMPY = dataclasses.replace(original, rmsnorm_forward=lambda x, w, eps: (rmsnorm(x, w, eps), None))
     try:
         return verify.dump_minencdec(model, input_ids, decoder_input_ids=decoder_input_ids)
     finally:
-        stack.rmsnorm_forward = original
+        backend.NUMPY = original
 
 
 try:

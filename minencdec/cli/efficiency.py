@@ -9,7 +9,7 @@ import os
 from minencdec.model.backend import prepare
 from minencdec.model.efficiency import flops, measure, paper_models, random_model, tiny_models
 
-from .options import add_backend_argument
+from .options import add_backend_argument, positive_int
 
 
 def run(out_dir, quick=False, repeats=3, backend="numpy"):
@@ -98,6 +98,6 @@ def add_command(sub):
     s = sub.add_parser("efficiency", help="FLOPs and measured latency: decoder-only vs encoder-decoder, plotted")
     s.add_argument("--out", default="efficiency_out", help="directory for efficiency.png")
     s.add_argument("--quick", action="store_true", help="fewer, shorter timings (seconds instead of a minute)")
-    s.add_argument("--repeats", type=int, default=3, help="timing repeats; the best is kept")
+    s.add_argument("--repeats", type=positive_int, default=3, help="timing repeats; the best is kept")
     add_backend_argument(s)
     s.set_defaults(func=cmd_efficiency)

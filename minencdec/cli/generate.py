@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 
-from minencdec.io.pretrained import load_pretrained
+from minencdec.files.checkpoint import read_config
+from minencdec.io.pretrained import is_classifier, load_pretrained
 from minencdec.model.backend import prepare
 from minencdec.model.generate import decoder_config, generate
+from minencdec.model.t5gemma import T5GemmaModel
 
-from .options import add_backend_argument
+from .options import add_backend_argument, non_negative_int, positive_float, positive_int, unit_interval
 
 
 def cmd_generate(args):
@@ -21,9 +23,13 @@ def cmd_generate(args):
     --prompt-ids are used as given. One prompt at a time (batch 1)."""
     if args.prompt_ids is None and args.prompt is None and args.input_file is None:
         raise ValueError("give --prompt, --input-file or --prompt-ids")
+    if is_classifier(read_config(args.model)):
+        raise ValueError(f"{args.model} is a classifier checkpoint: it has no language-model head to generate "
+                         "with (give a Gemma2ForCausalLM or T5GemmaForConditionalGeneration)")
     prepare(args.backend)
     model = load_pretrained(args.model, args.dtype, backend=args.backend)
     c = decoder_config(model)
+    is_t5 = isinstance(model, T5GemmaModel)
     spm = os.path.join(args.model, "tokenizer.model")
     if not os.path.isfile(spm) and args.prompt_ids is None:
         raise ValueError(f"{args.model} has no tokenizer.model; give token ids instead, "
@@ -33,7 +39,7 @@ def cmd_generate(args):
         import sentencepiece
         sp = sentencepiece.SentencePieceProcessor(model_file=spm)
     if args.prompt_ids is not None:
-        prompts = [[int(t) for t in args.prompt_ids.split()]]
+        prompts = [prompt_ids(args.prompt_ids, (model.config.encoder if is_t5 else c).vocab_size)]
     else:
         if args.input_file:
             with open(args.input_file, encoding="utf-8") as f:
@@ -41,6 +47,8 @@ def cmd_generate(args):
         else:
             texts = [args.prompt]
         prompts = [[c.bos_token_id] + sp.encode(t) for t in texts]
+    for prompt in prompts:                 # every prompt checked before the first is generated
+        check_room(args.max_new_tokens, c.max_position_embeddings, 1 if is_t5 else len(prompt))
     for prompt in prompts:
         shown, out = [], ""
 
@@ -61,6 +69,34 @@ def cmd_generate(args):
     return 0
 
 
+def prompt_ids(text, vocab_size) -> list[int]:
+    """--prompt-ids "2 17 9" as ids, each checked against the vocabulary by itself."""
+    ids = []
+    for token in text.replace(",", " ").split():
+        try:
+            ids.append(int(token))
+        except ValueError:
+            raise ValueError(f"--prompt-ids: {token!r} is not an integer token id") from None
+        if not 0 <= ids[-1] < vocab_size:
+            raise ValueError(f"--prompt-ids: id {ids[-1]} is outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise ValueError("--prompt-ids holds no token id")
+    return ids
+
+
+def check_room(max_new_tokens, max_positions, used):
+    """New tokens must fit in the positions the decoder has left: past max_position_embeddings
+    RoPE extrapolates (and the number asked for could be unbounded). `used`: the prompt's
+    length (decoder-only) or 1 for the encoder-decoder's start token."""
+    room = max_positions - used
+    if room < 1:
+        raise ValueError(f"the prompt has {used} tokens, which fill the model's max_position_embeddings "
+                         f"({max_positions}): no room for a new token")
+    if max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} does not fit: the model has max_position_embeddings "
+                         f"{max_positions}, and {used} position(s) hold the decoder's prompt, so at most {room}")
+
+
 def add_commands(sub):
     """Register `minencdec generate` on an argparse subparsers object."""
     s = sub.add_parser("generate", help="generate text from a checkpoint, streamed as it is produced")
@@ -68,12 +104,13 @@ def add_commands(sub):
     s.add_argument("--prompt", help="the prompt text (tokenized with the directory's tokenizer.model)")
     s.add_argument("--input-file", help="a file with one prompt per line")
     s.add_argument("--prompt-ids", help='token ids instead of text, e.g. "2 17 9" (no tokenizer needed)')
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="at most max_position_embeddings minus the prompt")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
+    s.add_argument("--temperature", type=positive_float, default=1.0)
+    s.add_argument("--top-k", type=positive_int, default=None)
+    s.add_argument("--top-p", type=unit_interval, default=None)
+    s.add_argument("--seed", type=non_negative_int, default=None, help="seed of the sampler (reproducible output)")
     s.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     add_backend_argument(s)
     s.set_defaults(func=cmd_generate)

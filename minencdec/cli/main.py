@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from minencdec.io import progress
 from minencdec.io.pretrained import adapt_checkpoints, read_model_config
 from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import PRESETS, num_parameters
+from minencdec.training.train import NonFiniteLoss
 
-from . import demo, efficiency, generate, train, verify
+from . import demo, efficiency, finetune, generate, train, verify
+from .options import non_negative_int
 
 
 def cmd_presets(args):
@@ -48,8 +51,10 @@ def cmd_info(args):
 
 
 def cmd_adapt(args):
+    replace = {"overwrite": True} if args.overwrite else {}     # io's default refuses an existing --out
     config, mode = adapt_checkpoints(args.encoder_from, args.decoder_from, args.out, args.cross_attn,
-                                     args.seed, args.dtype, args.save_dtype, progress.callback("loading"))
+                                     args.seed, args.dtype, args.save_dtype, progress.callback("loading"),
+                                     **replace)
     print(f"wrote {args.out}: T5Gemma {config.encoder.num_hidden_layers}+{config.decoder.num_hidden_layers} "
           f"layers, widths {config.encoder.hidden_size}/{config.decoder.hidden_size}, cross-attention {mode}, "
           f"{num_parameters(config):,} parameters")
@@ -79,32 +84,41 @@ def build_parser():
     s.add_argument("--out", required=True, help="output directory (written atomically)")
     s.add_argument("--cross-attn", default="auto", choices=("auto", "copy", "random"),
                    help="copy self-attention (equal widths) or random init; auto picks (default)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random cross-attention")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random cross-attention")
     s.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="working precision")
     s.add_argument("--save-dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"),
                    help="precision of the written tensors (default: the working precision)")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --out")
     s.set_defaults(func=cmd_adapt)
     verify.add_commands(sub)                              # dump, compare
     generate.add_commands(sub)                            # generate
     efficiency.add_command(sub)                           # efficiency
-    train.add_commands(sub)                               # pretrain, train, finetune
+    train.add_commands(sub)                               # pretrain, train
+    finetune.add_commands(sub)                            # finetune
     demo.add_commands(sub)                                # demo
     return p
 
 
 def main(argv=None):
+    """Run one command. Expected failures become one line on stderr: bad input (ValueError,
+    OSError; CheckpointError is a ValueError) exits 2, a training run stopped by a NaN exits 1,
+    Ctrl-C 130 and SIGTERM 143 (128 + the signal). Anything else is a bug: its traceback shows."""
     args = build_parser().parse_args(argv)
     from threadpoolctl import threadpool_limits
     try:
         with threadpool_limits(limits=max(args.blas_threads, 1), user_api="blas"):
             result = args.func(args)
         return result if isinstance(result, int) else 0     # training commands return their model
-    except (ValueError, OSError) as e:                    # CheckpointError is a ValueError
+    except (ValueError, OSError) as e:
         print(f"minencdec {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except NonFiniteLoss as e:
+        print(f"minencdec {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

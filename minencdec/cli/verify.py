@@ -17,7 +17,10 @@ import numpy as np
 from minencdec.io import progress
 from minencdec.io.pretrained import load_pretrained
 from minencdec.verify.compare import ATOL, RTOL_F32, RTOL_F64, compare_dumps, format_report
-from minencdec.verify.dumps import INPUT_NAMES, _lm_config, dump_minencdec, dump_transformers, read_dump, write_dump
+from minencdec.verify.dumps import (INPUT_NAMES, _lm_config, check_dump_target, dump_minencdec, dump_transformers,
+                                    read_dump, write_dump)
+
+from .options import non_negative_float
 
 
 def _pad_rows(rows, pad_id, what):
@@ -75,6 +78,7 @@ def _produce(producer, path, dtype, inputs):
 
 
 def cmd_dump(args):
+    check_dump_target(args.out)                           # before the work: a bad --out fails at once
     inputs = _cli_inputs(args, *_lm_config(args.model))
     acts, meta = _produce(args.producer, args.model, args.dtype, inputs)
     write_dump(args.out, acts, meta)
@@ -117,14 +121,15 @@ def add_commands(subparsers):
     s.add_argument("--model", required=True, help="checkpoint directory")
     _add_input_args(s)
     s.add_argument("--producer", default="minencdec", choices=("minencdec", "transformers"))
-    s.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
+    s.add_argument("--out", required=True, help="output .safetensors file (written atomically; an existing "
+                                                "file is replaced only if it is an activation dump)")
     s.set_defaults(func=cmd_dump)
     s = subparsers.add_parser("compare", help="per-layer divergence report of two activation dumps")
     s.add_argument("dumps", nargs="*", metavar="DUMP", help="A.safetensors B.safetensors (B is the reference)")
     s.add_argument("--model", help="checkpoint directory to run with minencdec (instead of dump A)")
     s.add_argument("--against", help="'transformers', or a dump file whose inputs are rerun")
     _add_input_args(s)
-    s.add_argument("--rtol", type=float, default=None,
+    s.add_argument("--rtol", type=non_negative_float, default=None,
                    help=f"relative to max |B| (default {RTOL_F64} float64, {RTOL_F32} float32)")
-    s.add_argument("--atol", type=float, default=ATOL)
+    s.add_argument("--atol", type=non_negative_float, default=ATOL)
     s.set_defaults(func=cmd_compare)

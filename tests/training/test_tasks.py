@@ -7,6 +7,7 @@ corpus, with the loss falling; bad input errors before training starts.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -129,15 +130,19 @@ def test_bad_input_fails_before_training(pipeline, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("a b c")
     assert cli.main(["pretrain", "--out", str(tmp_path / "b"), "--data", str(short), "--tokenizer",
-                     str(tmp / "pre" / "tokenizer.model"), *COMMON[:4], "--seq-len", "4096"]) == 2
+                     str(tmp / "pre" / "tokenizer.model"), *COMMON[:4], "--seq-len", "4096", "--warmup", "5"]) == 2
     assert "fewer than one row" in capsys.readouterr().err
     from minencdec.io.tokenizer import train_tokenizer
+    # A model directory without its own tokenizer.model: --tokenizer is then the tokenizer (a
+    # directory that has one refuses any other, tests/cli/test_reliability_cli.py).
+    bare = tmp_path / "t5-bare"
+    shutil.copytree(tmp / "t5", bare, ignore=shutil.ignore_patterns("tokenizer.model"))
     train_tokenizer([text.read_text()], 400, num_sentinels=0).save(tmp_path / "nosent")
-    assert cli.main(["train", "--model", str(tmp / "t5"), "--objective", "ul2", "--out", str(tmp_path / "c"),
+    assert cli.main(["train", "--model", str(bare), "--objective", "ul2", "--out", str(tmp_path / "c"),
                      "--data", str(text), "--tokenizer", str(tmp_path / "nosent"), *COMMON]) == 2
     assert "sentinel" in capsys.readouterr().err
     train_tokenizer([text.read_text()], 800, num_sentinels=100).save(tmp_path / "big")
-    assert cli.main(["train", "--model", str(tmp / "t5"), "--objective", "prefixlm", "--out", str(tmp_path / "d"),
+    assert cli.main(["train", "--model", str(bare), "--objective", "prefixlm", "--out", str(tmp_path / "d"),
                      "--data", str(text), "--tokenizer", str(tmp_path / "big"), *COMMON]) == 2
     assert "vocab" in capsys.readouterr().err.lower()
     for run in "abcd":

@@ -103,7 +103,8 @@ def cmd_demo(args):
     teacher, tok, (_, val_rows) = commands.cmd_pretrain(pre_args)
     t_pre = time.monotonic() - t0
     print("adapting the decoder-only checkpoint into an encoder-decoder (cross-attention: copy)")
-    adapt_checkpoints(run / "pretrain" / "checkpoint", run / "pretrain" / "checkpoint", run / "adapted")
+    adapt_checkpoints(run / "pretrain" / "checkpoint", run / "pretrain" / "checkpoint", run / "adapted",
+                      overwrite=True)   # a resumed demo adapts again into its own directory
     adapted_loss = evaluate(load_pretrained(run / "adapted", backend=args.backend),
                             Seq2SeqTask("prefixlm", val_rows[:1], val_rows, args.batch_size))
     train_args = argparse.Namespace(**{**base, "eval_every": max(train_steps // 6, 10)}, out=str(run / "train"),

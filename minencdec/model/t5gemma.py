@@ -208,4 +208,4 @@ class T5GemmaModel:
 
     def save_pretrained(self, path, dtype=None):
         """A T5GemmaForConditionalGeneration directory that transformers loads."""
-        save_tensors(path, self.params, self.hf_config(), dtype=dtype)
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype, overwrite=True)

@@ -95,7 +95,7 @@ def save_checkpoint(run_dir, model, opt, step, cfg, history, extra_files=None):
     files = dict(extra_files or {})
     files["optimizer.safetensors"] = safetensors_bytes(state["tensors"]) if state["tensors"] else b""
     files["trainer_state.json"] = json.dumps(trainer, indent=1).encode()
-    save_tensors(Path(run_dir) / "checkpoint", model.params, model.hf_config(), extra_files=files)
+    save_tensors(Path(run_dir) / "checkpoint", model.params, model.hf_config(), extra_files=files, overwrite=True)
 
 
 def load_checkpoint(run_dir, model, opt, cfg):

@@ -51,10 +51,9 @@ def cmd_info(args):
 
 
 def cmd_adapt(args):
-    replace = {"overwrite": True} if args.overwrite else {}     # io's default refuses an existing --out
     config, mode = adapt_checkpoints(args.encoder_from, args.decoder_from, args.out, args.cross_attn,
                                      args.seed, args.dtype, args.save_dtype, progress.callback("loading"),
-                                     **replace)
+                                     overwrite=args.overwrite)
     print(f"wrote {args.out}: T5Gemma {config.encoder.num_hidden_layers}+{config.decoder.num_hidden_layers} "
           f"layers, widths {config.encoder.hidden_size}/{config.decoder.hidden_size}, cross-attention {mode}, "
           f"{num_parameters(config):,} parameters")

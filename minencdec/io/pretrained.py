@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 
-from minencdec.files.checkpoint import CONFIG_FILE, CheckpointError, load_tensors, read_config, save_tensors
+import numpy as np
+
+from minencdec.files.checkpoint import (CONFIG_FILE, SAVE_TAGS, CheckpointError, check_destination, checkpoint_dir,
+                                        load_tensors, read_config, save_tensors, stored_dtypes)
 from minencdec.model import gemma2, t5gemma
-from minencdec.model.adapt import adapt_params
+from minencdec.model.adapt import adapt_params, adapted_config, map_name, resolve_cross_attn
 from minencdec.model.backend import check_backend
 from minencdec.model.classify import Classifier
 from minencdec.model.config import GemmaConfig, T5GemmaConfig
@@ -66,16 +69,21 @@ def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="
     dtype, backend = resolve_dtype(dtype), check_backend(backend)
     raw = read_config(path)
     kind, cfg = read_model_config(path, raw)
-    if expect is not None and kind != expect:
-        want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
-                "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
-        raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
+    if expect is not None:
+        _check_kind(path, kind, expect)
     if is_classifier(raw):
         return _load_classifier(path, raw, kind, cfg, dtype, progress, backend)
     module = gemma2 if kind == "gemma2" else t5gemma
     cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
     params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
     return cls(cfg, params, dtype, backend)
+
+
+def _check_kind(path, kind: str, expect: str) -> None:
+    if kind != expect:
+        want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
+                "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
+        raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
 
 
 def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
@@ -96,27 +104,85 @@ def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
 
 
 def _tokenizer_files(path):
-    out = {}
+    """The tokenizer files of checkpoint `path` (read from the complete copy an interrupted
+    save left, as the weights are)."""
+    directory, out = checkpoint_dir(path), {}
     for name in TOKENIZER_FILES:
-        full = os.path.join(str(path), name)
-        if os.path.isfile(full):
-            with open(full, "rb") as f:
-                out[name] = f.read()
+        if (directory / name).is_file():
+            out[name] = (directory / name).read_bytes()
     return out
 
 
 def adapt_checkpoints(encoder_from, decoder_from, out, cross_attn="auto", seed=0, dtype="float32",
-                      save_dtype=None, progress=None):
+                      save_dtype=None, progress=None, overwrite=False):
     """Read two Gemma 2 checkpoints (or one twice), write the adapted T5Gemma checkpoint to
-    `out` atomically, carrying the decoder source's tokenizer files along. Returns
-    (config, mode). A balanced pair given as one directory is read only once."""
-    enc = load_pretrained(encoder_from, dtype, expect="gemma2", progress=progress)
+    `out` crash-consistently, carrying the decoder source's tokenizer files along. Returns
+    (config, mode). A balanced pair given as one directory is read only once.
+
+    Every tensor is copied bit for bit: the sources are read at a working precision that
+    holds their stored dtypes exactly (float64 if any tensor is F64, else float32, which
+    holds BF16/F16/F32; `dtype` "float64" asks for float64 regardless, "float32" never
+    narrows) and each tensor is written in its source's stored dtype (random
+    cross-attention in the decoder source's). `save_dtype` writes every tensor in that
+    dtype instead. `out` may never be, contain or lie inside a source; an existing non-empty
+    `out` is replaced only with `overwrite=True` and only if it holds nothing but a
+    checkpoint's own files (see save_tensors). All of this is checked before any weight is
+    read or anything written."""
+    sources = {"encoder": encoder_from, "decoder": decoder_from}
+    _check_out(out, sources)
+    check_destination(out, overwrite=overwrite, extra_names=_tokenizer_names(decoder_from))
+    configs = {}
+    for side, src in sources.items():
+        raw = read_config(src)
+        kind, configs[side] = read_model_config(src, raw)
+        _check_kind(src, kind, "gemma2")
+        if is_classifier(raw):
+            raise CheckpointError(f"{src} holds a sequence classifier; adaptation needs a Gemma2ForCausalLM")
+    resolve_cross_attn(cross_attn, adapted_config(configs["encoder"], configs["decoder"]))
+    stored = {side: stored_dtypes(src) for side, src in sources.items()}
+    exact = "float64" if any("F64" in tags.values() for tags in stored.values()) else "float32"
+    work = "float64" if resolve_dtype(dtype) == np.float64 else exact
+    enc = load_pretrained(encoder_from, work, expect="gemma2", progress=progress)
     same = os.path.realpath(str(encoder_from)) == os.path.realpath(str(decoder_from))
-    dec = enc if same else load_pretrained(decoder_from, dtype, expect="gemma2", progress=progress)
+    dec = enc if same else load_pretrained(decoder_from, work, expect="gemma2", progress=progress)
     config, params, mode = adapt_params(enc.params, enc.config, dec.params, dec.config, cross_attn, seed)
     hf = config.to_hf_dict()
     hf["minencdec_adaptation"] = {"encoder_from": os.path.abspath(str(encoder_from)),
                                   "decoder_from": os.path.abspath(str(decoder_from)),
                                   "cross_attn": mode, "seed": seed}
-    save_tensors(out, params, hf, dtype=save_dtype, extra_files=_tokenizer_files(decoder_from))
+    save_tensors(out, params, hf, dtype=save_dtype or _source_dtypes(params, stored),
+                 extra_files=_tokenizer_files(decoder_from), overwrite=overwrite)
     return config, mode
+
+
+def _check_out(out, sources: dict) -> None:
+    """Adaptation never writes over, into or around one of its sources (symlinks followed)."""
+    target = os.path.realpath(str(out))
+    for side, src in sources.items():
+        source = os.path.realpath(str(src))
+        common = os.path.commonpath([target, source])
+        relation = ("is" if target == source else "is inside" if common == source
+                    else "contains" if common == target else None)
+        if relation:
+            raise CheckpointError(f"the output directory {out} {relation} the {side} source {src}: "
+                                  "adaptation never writes over its sources; choose another directory")
+
+
+def _tokenizer_names(path) -> tuple[str, ...]:
+    directory = checkpoint_dir(path)
+    return tuple(name for name in TOKENIZER_FILES if (directory / name).is_file())
+
+
+def _source_dtypes(params: dict, stored: dict) -> dict[str, str]:
+    """Each adapted tensor -> the dtype its source stores it in. Cross-attention (copied from
+    the decoder's self-attention, or random) takes the decoder source's dtype: its one stored
+    dtype, or, if it mixes several, the narrowest that holds them all exactly (F64 or F32)."""
+    name_of = {tag: name for name, tag in SAVE_TAGS.items()}
+    out = {}
+    for side in ("encoder", "decoder"):
+        for name, tag in stored[side].items():
+            if name != "lm_head.weight":                  # tied to the embedding: not copied
+                out[map_name(name, side)] = name_of[tag]
+    tags = {tag for name, tag in stored["decoder"].items() if name != "lm_head.weight"}
+    common = tags.pop() if len(tags) == 1 else "F64" if "F64" in tags else "F32"
+    return {name: out.get(name, name_of[common]) for name in params}

@@ -33,10 +33,28 @@ TOKENIZER_FILE = "tokenizer.model"
 class Tokenizer:
     """A sentencepiece model plus the ids minencdec needs by name."""
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, source: str = "the tokenizer model"):
+        """`model_proto`: the bytes of a tokenizer.model; `source` names them in errors."""
         self._proto = bytes(model_proto)
-        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            self._load(self._proto)
+            return
+        except (RuntimeError, IndexError) as e:   # a proto sentencepiece cannot parse or check
+            reason = f"sentencepiece says {str(e).strip()}"
+        except UnicodeDecodeError as e:            # a piece whose bytes are not UTF-8
+            reason = f"a piece is not UTF-8 ({e})"
+        except ValueError as e:                    # our own checks below
+            reason = str(e)
+        raise ValueError(f"{source} is not a sentencepiece model: {reason}") from None
+
+    def _load(self, proto: bytes) -> None:
+        if not proto:               # sentencepiece accepts b"" and fails only at the first lookup
+            raise ValueError("it is empty (0 bytes)")
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self.sp.get_piece_size()
+        if self.vocab_size == 0:
+            raise ValueError("it holds no pieces")
+        self.sp.id_to_piece(list(range(self.vocab_size)))   # every piece is text: fail here, not mid-run
         self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
         self.bos_id, self.unk_id = self.sp.bos_id(), self.sp.unk_id()
         self.sentinel_ids = self._consecutive_pieces(SENTINEL)     # sentinel_0 first
@@ -51,10 +69,7 @@ class Tokenizer:
         if not p.is_file():
             raise FileNotFoundError(f"no sentencepiece model at {p} (give a tokenizer.model file "
                                     f"or a directory containing one)")
-        try:
-            return cls(p.read_bytes())
-        except RuntimeError as e:
-            raise ValueError(f"{p} is not a sentencepiece model: {e}") from None
+        return cls(p.read_bytes(), source=str(p))
 
     def piece_id(self, piece: str):
         """The id of `piece`, or None if the vocabulary has no such piece."""

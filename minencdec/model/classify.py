@@ -120,7 +120,7 @@ class Classifier:
         return d
 
     def save_pretrained(self, path, dtype=None):
-        save_tensors(path, self.params, self.hf_config(), dtype=dtype)
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype, overwrite=True)
 
     def _forward(self, input_ids, attention_mask):
         c = self.config

@@ -147,4 +147,4 @@ class Gemma2Model:
 
     def save_pretrained(self, path, dtype=None):
         """A Gemma2ForCausalLM directory that transformers' from_pretrained loads."""
-        save_tensors(path, self.params, self.hf_config(), dtype=dtype)
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype, overwrite=True)

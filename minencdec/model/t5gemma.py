@@ -264,5 +264,6 @@ class T5GemmaModel:
 
     def save_pretrained(self, path, dtype=None):
         """A T5GemmaForConditionalGeneration / T5Gemma2ForConditionalGeneration directory that
-        transformers loads (T5Gemma 2: with no vision weights; see T5GemmaConfig.to_hf_dict)."""
-        save_tensors(path, self.params, self.hf_config(), dtype=dtype)
+        transformers loads (T5Gemma 2: with no vision weights; see T5GemmaConfig.to_hf_dict).
+        An existing checkpoint directory is replaced, never one holding other files."""
+        save_tensors(path, self.params, self.hf_config(), dtype=dtype, overwrite=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minencdec.files.checkpoint import CheckpointError
+from minencdec.files.checkpoint import CheckpointError, recover_checkpoint
 
 try:
     import fcntl
@@ -104,6 +104,9 @@ def check_start(run_dir, resume) -> None:
     """Refuse a start that would clobber a run, or a resume with nothing to resume; call it
     before anything is written into the run directory."""
     run_dir = Path(run_dir)
+    # A save killed between its two renames leaves the checkpoint beside its place: put it
+    # back first, or this run would look empty (files/replace.py).
+    recover_checkpoint(run_dir / CHECKPOINT_DIR)
     state = run_dir / CHECKPOINT_DIR / STATE_FILE
     if resume:
         if not state.is_file():

@@ -133,7 +133,8 @@ def save_checkpoint(run_dir, model, opt, step, cfg, history, extra_files=None, s
     files = dict(extra_files or {})
     files[OPTIMIZER_FILE] = safetensors_bytes(state["tensors"]) if state["tensors"] else b""
     files[STATE_FILE] = json.dumps(trainer, indent=1).encode()
-    save_tensors(Path(run_dir) / CHECKPOINT_DIR, model.params, model.hf_config(), extra_files=files)
+    save_tensors(Path(run_dir) / CHECKPOINT_DIR, model.params, model.hf_config(), extra_files=files,
+                 overwrite=True)                       # the run's own checkpoint: replaced every save
 
 
 def load_checkpoint(run_dir, model, opt, cfg, settings=None):

@@ -6,7 +6,6 @@ on disk before and after, the exit status the shell sees, the vocabulary and pos
 written in config.json. Each refusal has a negative control that gets past the same check.
 """
 
-import inspect
 import json
 import os
 import shutil
@@ -374,8 +373,6 @@ def test_a_corpus_above_the_limit_is_refused_with_its_size(tmp_path, capsys, mon
 
 # ---------------------------------------------------------------------------- adapt --overwrite
 
-@pytest.mark.xfail("overwrite" not in inspect.signature(adapt_checkpoints).parameters, strict=False,
-                   reason="needs io overwrite=")
 def test_adapt_replaces_an_existing_output_only_with_overwrite(made, tmp_path, capsys):
     argv = ["adapt", "--encoder-from", made / "pre" / "checkpoint", "--decoder-from", made / "pre" / "checkpoint",
             "--out", tmp_path / "t5"]

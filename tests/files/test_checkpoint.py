@@ -3,6 +3,7 @@ safetensors writer below, numpy's float16, torch's bfloat16 and transformers' ow
 from_pretrained / save_pretrained. Every comparison is exact (rtol 0)."""
 
 import json
+import os
 import re
 import struct
 
@@ -11,7 +12,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from helpers import assert_close
-from minencdec.files import checkpoint
 from minencdec.files.checkpoint import CheckpointError, load_tensors, read_config, save_tensors
 from minencdec.io.pretrained import checkpoint_kind
 from minencdec.model.config import GemmaConfig
@@ -157,7 +157,7 @@ def test_load_returns_owned_writable_contiguous_arrays(tmp_path):
     want = make_tensors(np.float32)
     for stored, dtype in [("bfloat16", np.float32), ("bfloat16", np.float64), ("float32", np.float32),
                           ("float32", np.float64)]:          # widened, converted or read as is
-        save_tensors(tmp_path / "f32", want, CONFIG, dtype=stored)
+        save_tensors(tmp_path / "f32", want, CONFIG, dtype=stored, overwrite=True)
         for name, a in load_tensors(tmp_path / "f32", shapes_of(want), dtype).items():
             assert is_owned(a) and a.dtype == dtype, (stored, dtype, name)
     mapped = np.memmap(tmp_path / "f32" / "model.safetensors", dtype=np.uint8, mode="r")
@@ -263,28 +263,34 @@ def snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-# fsync #2: the weights file, after config.json was written. rename #2: tmp -> ck, after ck was
-# moved to a backup (rename #3 must then move the backup back).
+# fsync #2: a.txt of the new checkpoint, after config.json was written. rename #3: new -> ck,
+# after ck was moved aside by rename #2 (rename #4 must then move it back). A killed process
+# at every instant of a save is tested in test_reliability_saves.py.
 @pytest.mark.parametrize("call", ["fsync", "rename"])
 def test_failed_save_keeps_old_checkpoint_and_a_good_one_replaces_it(tmp_path, monkeypatch, call):
     save_tensors(tmp_path / "ck", make_tensors(seed=0), CONFIG, extra_files={"a.txt": b"old"})
     before = snapshot(tmp_path / "ck")
-    real, calls = getattr(checkpoint.os, call), []
-    def fail_second_call(*args):
+    real, calls = getattr(os, call), []
+    fail_at = {"fsync": 2, "rename": 3}[call]
+    def fail_once(*args):
         calls.append(args)
-        if len(calls) == 2:
+        if len(calls) == fail_at:
             raise OSError("disk full (simulated)")
         return real(*args)
-    monkeypatch.setattr(checkpoint.os, call, fail_second_call)
+    monkeypatch.setattr(os, call, fail_once)
     with pytest.raises(OSError, match="simulated"):
-        save_tensors(tmp_path / "ck", make_tensors(seed=1), {"model_type": "t5gemma"})
-    assert len(calls) == {"fsync": 2, "rename": 3}[call]
+        save_tensors(tmp_path / "ck", make_tensors(seed=1), {"model_type": "t5gemma"},
+                     extra_files={"a.txt": b"new"}, overwrite=True)
+    assert len(calls) == {"fsync": 2, "rename": 5}[call]     # rename #5: the new copy renamed .del
+    monkeypatch.undo()
     assert snapshot(tmp_path / "ck") == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]          # no temporary directory left
-    monkeypatch.undo()
     new = make_tensors(np.float64, seed=1)
-    save_tensors(tmp_path / "ck", new, {"model_type": "t5gemma"})
-    assert snapshot(tmp_path / "ck") != before and not (tmp_path / "ck" / "a.txt").exists()
+    with pytest.raises(CheckpointError, match=r"ck: refusing to replace .* holds a\.txt"):
+        save_tensors(tmp_path / "ck", new, {"model_type": "t5gemma"}, overwrite=True)
+    (tmp_path / "ck" / "a.txt").unlink()
+    save_tensors(tmp_path / "ck", new, {"model_type": "t5gemma"}, overwrite=True)
+    assert snapshot(tmp_path / "ck") != before
     assert read_config(tmp_path / "ck") == {"model_type": "t5gemma"}
     assert_same(load_tensors(tmp_path / "ck", shapes_of(new), np.float64), new)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
@@ -293,11 +299,13 @@ def test_failed_save_keeps_old_checkpoint_and_a_good_one_replaces_it(tmp_path, m
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(CheckpointError, match="photos is a non-empty directory without config.json"):
+    with pytest.raises(CheckpointError, match="photos already exists and is not empty .*overwrite=True"):
         save_tensors(tmp_path / "photos", make_tensors(), CONFIG)
+    with pytest.raises(CheckpointError, match="photos: refusing to replace this directory: it holds cat.jpg"):
+        save_tensors(tmp_path / "photos", make_tensors(), CONFIG, overwrite=True)
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="file exists and is not a directory"):
-        save_tensors(tmp_path / "file", make_tensors(), CONFIG)
+        save_tensors(tmp_path / "file", make_tensors(), CONFIG, overwrite=True)
     with pytest.raises(CheckpointError, match="'ids': expected a float16/32/64 numpy array, got int64"):
         save_tensors(tmp_path / "new", {"ids": np.arange(3)}, CONFIG)
     assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"

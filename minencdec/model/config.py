@@ -107,6 +107,9 @@ class GemmaConfig:
             raise ValueError(f"bidirectional_window must be one of {WINDOW_RULES}, got {self.bidirectional_window!r}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.family == "gemma3" and self.attn_logit_softcapping is not None:
+            raise ValueError("attn_logit_softcapping must be null for Gemma 3: transformers' Gemma 3 and "
+                             "T5Gemma 2 read the field but never apply it, so a value would be silently ignored")
         if self.family == "gemma2" and (self.rope_local_base_freq is not None or self.rope_scaling_factor != 1.0):
             raise ValueError("rope_local_base_freq and rope_scaling_factor are Gemma 3 fields; a Gemma 2 "
                              "stack uses rope_theta on every layer")

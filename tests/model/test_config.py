@@ -93,6 +93,9 @@ def test_gemma3_rope_and_layer_pattern():
     assert c.bidirectional_window == "t5gemma2" and PRESETS["nano"].bidirectional_window == "le"
     with pytest.raises(ValueError, match="Gemma 3 fields"):
         PRESETS["nano"].replace(rope_local_base_freq=1e4)
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: refused, not ignored.
+    with pytest.raises(ValueError, match="never apply it"):
+        c.replace(attn_logit_softcapping=50.0)
 
 
 def test_t5gemma2_config_round_trip_and_checks():

@@ -4,9 +4,14 @@ Nothing here imports torch: the NumPy model's tests use these cases with the liv
 `transformers` oracle (`oracle_hf.py`) when torch is installed, and with the committed golden
 files (`golden/*.safetensors`, written by `golden/make_golden.py`) when it is not.
 
-Tensor names and shapes are the Hugging Face ones (REFERENCE.md sections 1 and 2).
-`gemma2_param_shapes` / `t5gemma_param_shapes` list them from the config alone;
-`test_oracle.py` checks them against a freshly built `transformers` model.
+Tensor names and shapes are the Hugging Face ones (transformers' `models/gemma2`, `t5gemma`,
+`gemma3` and `t5gemma2` modules). `gemma2_param_shapes` / `t5gemma_param_shapes` /
+`gemma3_param_shapes` / `t5gemma2_param_shapes` list them from the config alone;
+`test_oracle.py` and `model/test_oracle_gemma3.py` check them against a freshly built
+`transformers` model.
+
+Cases: GEMMA2_CASES, T5GEMMA_CASES (Gemma 2 family; GOLDEN) and GEMMA3_CASES, T5GEMMA2_CASES
+(Gemma 3 family; GOLDEN_GEMMA3). Case names are unique across the four lists.
 
 Padding and what may be compared
 --------------------------------
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minencdec.model.config import FULL, SLIDING, GemmaConfig, T5GemmaConfig
+from minencdec.model.config import FULL, SLIDING, GemmaConfig, T5GemmaConfig, gemma3_config
 
 PAD, EOS, BOS = 0, 1, 2
 IGNORE = -100                       # label value ignored by the loss
@@ -100,11 +105,67 @@ T5GEMMA_CASES: dict[str, T5GemmaConfig] = {
                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
 }
 
+
+def _g3(**kw) -> GemmaConfig:
+    return gemma3_config(**{"vocab_size": 64, "max_position_embeddings": 64, **kw})
+
+
+# Decoder-only Gemma 3 (Gemma3ForCausalLM), T = 7 as Gemma 2. Every stack has QK-norm; RoPE
+# bases are Gemma 3's defaults (full 1e6, sliding 1e4) unless set. attn_logit_softcapping stays
+# None: transformers' Gemma 3 never applies it (model/test_models_gemma3.py: an xfail).
+GEMMA3_CASES: dict[str, GemmaConfig] = {
+    # GQA 4/2, head_dim 8 != D/H = 4, qpas 12 != head_dim, window 3 < T, layer types mixed
+    # (sliding, full, sliding), linear RoPE scaling 8 on the full layer, softcaps off.
+    "gqa_mixed": _g3(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=3,
+                     layer_types=(SLIDING, FULL, SLIDING), rope_scaling_factor=8.0),
+    # MQA, head_dim 12 != D/H = 8, all layers global, small RoPE base 100 scaled by 2, a final
+    # softcap that bites (see CASE_STD).
+    "mqa_global": _g3(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=12, sliding_window=4,
+                      layer_types=(FULL, FULL), rope_theta=100.0, rope_scaling_factor=2.0,
+                      final_logit_softcapping=3.0),
+    # The default 5:1 pattern (five sliding layers, then a full one) over six layers, window 2,
+    # MHA 2/2, both RoPE bases set (sliding 50, full 500).
+    "pattern": _g3(vocab_size=48, hidden_size=8, intermediate_size=16, num_hidden_layers=6, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=6, sliding_window=2,
+                   rope_theta=500.0, rope_local_base_freq=50.0, final_logit_softcapping=30.0),
+}
+
+# T5Gemma 2 (T5Gemma2ForConditionalGeneration): two Gemma 3 stacks of one width, merged
+# attention in the decoder. Inputs: S = 8, T = 6; `eoi_token_index` inside the vocabulary
+# (case_inputs puts it into the encoder input and the labels).
+T5GEMMA2_CASES: dict[str, T5GemmaConfig] = {
+    # Unequal depths (3 encoder, 2 decoder layers); encoder GQA 4/2, decoder MQA 4/1; head_dim 6
+    # != D/H = 3, qpas 8; encoder window 4 < S (even: T5Gemma 2 sees 1 key left, 2 right),
+    # decoder window 2 < T; layer types mixed; linear RoPE scaling 4 on full layers.
+    "unequal_depth": T5GemmaConfig(
+        _g3(vocab_size=48, hidden_size=12, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=6, query_pre_attn_scalar=8, sliding_window=4,
+            layer_types=(SLIDING, FULL, SLIDING), rope_scaling_factor=4.0),
+        _g3(vocab_size=48, hidden_size=12, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=6, query_pre_attn_scalar=8, sliding_window=2,
+            layer_types=(FULL, SLIDING), rope_scaling_factor=4.0),
+        eoi_token_index=40),
+    # Encoder all global (2 layers, MHA 3/3, head_dim 4 = D/H = qpas); a deeper decoder (3 layers,
+    # MQA 3/1, qpas 5, window 3 < T) with a final softcap that bites; RoPE bases 200 (full) and
+    # 20 (sliding); eoi_token_index 5.
+    "global_cap": T5GemmaConfig(
+        _g3(vocab_size=48, hidden_size=12, intermediate_size=16, num_hidden_layers=2, num_attention_heads=3,
+            num_key_value_heads=3, head_dim=4, query_pre_attn_scalar=4, sliding_window=3,
+            layer_types=(FULL, FULL), rope_theta=200.0, rope_local_base_freq=20.0),
+        _g3(vocab_size=48, hidden_size=12, intermediate_size=16, num_hidden_layers=3, num_attention_heads=3,
+            num_key_value_heads=1, head_dim=4, query_pre_attn_scalar=5, sliding_window=3,
+            layer_types=(SLIDING, SLIDING, FULL), rope_theta=200.0, rope_local_base_freq=20.0,
+            final_logit_softcapping=3.0),
+        eoi_token_index=5),
+}
+
 # Weight std per case (default PARAM_STD). 0.3 keeps activations O(1); the small-cap cases use
 # more so that attention scores and logits are well beyond the cap.
 PARAM_STD = 0.3
 NORM_STD = 0.3
-CASE_STD = {"small_caps": 0.6, "mqa_caps": 0.6}
+CASE_STD = {"small_caps": 0.6, "mqa_caps": 0.6, "mqa_global": 0.6, "global_cap": 0.6}
 NUM_LABELS = 3                      # classification cases
 
 
@@ -158,9 +219,37 @@ def t5gemma_param_shapes(config: T5GemmaConfig, num_labels: int | None = None,
     return shapes
 
 
+def _qk_norm_shapes(prefix: str, c: GemmaConfig) -> dict[str, tuple]:
+    return {f"{prefix}layers.{i}.self_attn.{n}.weight": (c.head_dim,)
+            for i in range(c.num_hidden_layers) for n in ("q_norm", "k_norm")}
+
+
+def gemma3_param_shapes(config: GemmaConfig) -> dict[str, tuple]:
+    """Gemma3ForCausalLM tensor names -> shapes (tied lm_head.weight excluded): Gemma 2's plus
+    each layer's self_attn.q_norm / k_norm (head_dim,)."""
+    return {**_stack_shapes("model.", config, _GEMMA2_NORMS), **_qk_norm_shapes("model.", config)}
+
+
+def t5gemma2_param_shapes(config: T5GemmaConfig) -> dict[str, tuple]:
+    """T5Gemma2ForConditionalGeneration's text tensors under the checkpoint's names: the encoder
+    owns the one table (`model.encoder.embed_tokens.weight`, plus `.eoi_embedding` (D,)); the
+    decoder has no table of its own and no cross_attn (its self_attn is the merged attention).
+    Both stacks have QK-norm. Tied decoder table / LM head and the vision tower excluded."""
+    enc, dec = config.encoder, config.decoder
+    shapes = {**_stack_shapes("model.encoder.", enc, _T5_NORMS), **_qk_norm_shapes("model.encoder.", enc),
+              "model.encoder.embed_tokens.eoi_embedding": (enc.hidden_size,)}
+    decoder = _stack_shapes("model.decoder.", dec, _T5_NORMS)
+    del decoder["model.decoder.embed_tokens.weight"]
+    return {**shapes, **decoder, **_qk_norm_shapes("model.decoder.", dec)}
+
+
 def param_shapes(config, num_labels=None, is_encoder_decoder=True) -> dict[str, tuple]:
     if isinstance(config, T5GemmaConfig):
+        if config.family == "t5gemma2":
+            return t5gemma2_param_shapes(config)
         return t5gemma_param_shapes(config, num_labels, is_encoder_decoder)
+    if config.family == "gemma3":
+        return gemma3_param_shapes(config)
     return gemma2_param_shapes(config, num_labels)
 
 
@@ -275,10 +364,9 @@ def valid_positions(mask: np.ndarray) -> np.ndarray:
 
 
 def case_config(case: str):
-    if case in GEMMA2_CASES:
-        return GEMMA2_CASES[case]
-    if case in T5GEMMA_CASES:
-        return T5GEMMA_CASES[case]
+    for table in (GEMMA2_CASES, T5GEMMA_CASES, GEMMA3_CASES, T5GEMMA2_CASES):
+        if case in table:
+            return table[case]
     raise KeyError(f"unknown case {case!r}")
 
 
@@ -290,7 +378,23 @@ def case_params(case: str, num_labels: int | None = None, is_encoder_decoder: bo
 
 
 def case_inputs(case: str, num_labels: int | None = None) -> dict[str, np.ndarray]:
-    return random_inputs(case_config(case), case_seed(case) + 1, num_labels=num_labels)
+    config = case_config(case)
+    x = random_inputs(config, case_seed(case) + 1, num_labels=num_labels)
+    if isinstance(config, T5GemmaConfig) and config.family == "t5gemma2":
+        x = with_eoi_tokens(x, config)
+    return x
+
+
+def with_eoi_tokens(x: dict, config: T5GemmaConfig) -> dict[str, np.ndarray]:
+    """T5Gemma 2 inputs with `eoi_token_index` at real positions: twice in the encoder input
+    (rows 0 and 2) and twice among the labels (rows 0 and 1), so the decoder reads it as an
+    input and the LM head predicts it. Decoder inputs and mask are rebuilt from the labels."""
+    eoi, ids, labels = config.eoi_token_index, x["input_ids"].copy(), x["labels"].copy()
+    ids[0, 3] = ids[2, -1] = eoi                    # rows 0 (no padding) and 2 (left padding)
+    labels[0, 1] = labels[1, 0] = eoi               # -> decoder inputs [0, 2] and [1, 1]
+    dec = shift_right(labels, config.decoder.bos_token_id, config.decoder.pad_token_id)
+    return {**x, "input_ids": ids, "labels": labels, "decoder_input_ids": dec,
+            "decoder_attention_mask": (dec != config.decoder.pad_token_id).astype(np.int64)}
 
 
 # --------------------------------------------------------------------------- golden files
@@ -308,9 +412,18 @@ GOLDEN: dict[str, tuple[str, str, dict]] = {
 }
 
 
+# The Gemma 3 family's golden files (kinds "gemma3": Gemma3ForCausalLM, "t5gemma2":
+# T5Gemma2ForConditionalGeneration), kept apart from GOLDEN, which older tests iterate over.
+GOLDEN_GEMMA3: dict[str, tuple[str, str, dict]] = {
+    **{f"gemma3_{c}": ("gemma3", c, {}) for c in GEMMA3_CASES},
+    **{f"t5gemma2_{c}": ("t5gemma2", c, {}) for c in T5GEMMA2_CASES},
+}
+ALL_GOLDEN = {**GOLDEN, **GOLDEN_GEMMA3}
+
+
 def golden_case(stem: str):
     """(kind, config, params, inputs, options) of a golden file, regenerated from this module."""
-    kind, case, opts = GOLDEN[stem]
+    kind, case, opts = ALL_GOLDEN[stem]
     is_ed = opts.get("is_encoder_decoder", True)
     params = case_params(case, opts.get("num_labels"), is_ed)
     inputs = case_inputs(case, opts.get("num_labels"))
@@ -328,7 +441,7 @@ def golden_metadata(stem: str) -> dict:
 
 
 def load_golden(stem: str):
-    """(params, inputs, outputs) of golden file `stem` (a key of GOLDEN), all numpy.
+    """(params, inputs, outputs) of golden file `stem` (a key of ALL_GOLDEN), all numpy.
 
     outputs has the oracle's keys: "logits", "loss" (a float), "grads" ({name: array}), and
     "encoder_out" (T5Gemma LM files) or "pooled_index" (classification files). Regenerate with

@@ -1,6 +1,11 @@
-"""The live oracle for the tests: transformers' eager Gemma2 / T5Gemma models built on our
-parameters, run in true float64 under `minencdec.verify.hf_oracle.float64_exact()` (its docstring
-lists the float32 islands it patches).
+"""The live oracle for the tests: transformers' eager Gemma2 / T5Gemma / Gemma3 / T5Gemma2
+models built on our parameters, run in true float64 under
+`minencdec.verify.hf_oracle.float64_exact()` (its docstring lists the float32 islands it patches).
+
+Parameters are keyed by minencdec's (= the checkpoint's) names. transformers' T5Gemma 2 names
+the encoder's text tensors `model.encoder.text_model.*` in its state_dict and also holds a
+vision tower and projector that text never reaches: `_our_name` maps the first and leaves the
+second at transformers' initialisation (no gradient of them is returned).
 
 torch and transformers are imported inside functions, so importing this module (and
 `cases.py`) works without them.
@@ -22,6 +27,24 @@ def _torch_dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+_T5G2_TEXT = "model.encoder.text_model."
+_T5G2_UNUSED = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
+
+
+def _our_name(hf_name):
+    """minencdec's name of a transformers parameter, or None for T5Gemma 2's vision parts."""
+    if hf_name.startswith(_T5G2_UNUSED):
+        return None
+    if hf_name.startswith(_T5G2_TEXT):
+        return "model.encoder." + hf_name[len(_T5G2_TEXT):]
+    return hf_name
+
+
+def _named_parameters(model):
+    """{our name: Parameter} of every parameter text uses (tied ones are listed once)."""
+    return {ours: p for name, p in model.named_parameters() if (ours := _our_name(name)) is not None}
+
+
 def _build(cls, hf_config, params, dtype, **kwargs):
     """A transformers model of class `cls` with eager attention in `dtype`, holding `params`.
 
@@ -29,7 +52,7 @@ def _build(cls, hf_config, params, dtype, **kwargs):
     import torch
     model = cls._from_config(hf_config, attn_implementation="eager", dtype=_torch_dtype(dtype), **kwargs)
     model.eval()                                    # dropout is 0 anyway; eval to be explicit
-    named = dict(model.named_parameters())          # tied lm_head is not listed separately
+    named = _named_parameters(model)                # tied lm_head is not listed separately
     missing, unknown = sorted(set(named) - set(params)), sorted(set(params) - set(named))
     if missing or unknown:
         raise KeyError(f"{cls.__name__}: missing params {missing}, unknown params {unknown}")
@@ -64,7 +87,7 @@ def _run(model, kwargs, labels_given, exact, extra=None):
             out.loss.backward()
             result["loss"] = out.loss.item()
             result["grads"] = {n: _np(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
-                               for n, p in model.named_parameters()}
+                               for n, p in _named_parameters(model).items()}
     if extra:
         result.update(extra(out))
     return result
@@ -89,6 +112,16 @@ def t5gemma_hf_config(config, num_labels=None, is_encoder_decoder=True):
         hf.num_labels = num_labels
     hf.is_encoder_decoder = is_encoder_decoder
     return hf
+
+
+def gemma3_hf_config(config):
+    from transformers import Gemma3TextConfig
+    return Gemma3TextConfig(**config.to_hf_dict("gemma3_text"))
+
+
+def t5gemma2_hf_config(config):
+    from transformers import T5Gemma2Config
+    return T5Gemma2Config(**config.to_hf_dict())
 
 
 def gemma2_run(config, params, input_ids, labels=None, attention_mask=None, *, dtype="float64",
@@ -135,6 +168,39 @@ def t5gemma_run(config, params, input_ids, labels=None, attention_mask=None, dec
     from transformers import T5GemmaForConditionalGeneration
     import torch
     model = _build(T5GemmaForConditionalGeneration, t5gemma_hf_config(config), params, dtype)
+    kwargs = {"input_ids": _t(input_ids, torch.long), "attention_mask": _t(attention_mask, torch.long),
+              "labels": _t(labels, torch.long), "decoder_input_ids": _t(decoder_input_ids, torch.long),
+              "decoder_attention_mask": _t(decoder_attention_mask, torch.long), "use_cache": False}
+    return _run(model, kwargs, labels is not None, exact,
+                lambda out: {"encoder_out": _np(out.encoder_last_hidden_state)})
+
+
+def gemma3_run(config, params, input_ids, labels=None, attention_mask=None, *, dtype="float64",
+               exact=True) -> dict:
+    """Gemma3ForCausalLM (eager) on `params`: gemma2_run's conventions and dict. (Its
+    attention ignores `attn_logit_softcapping`; see model/test_models_gemma3.py.)"""
+    from transformers import Gemma3ForCausalLM
+    import torch
+    model = _build(Gemma3ForCausalLM, gemma3_hf_config(config), params, dtype)
+    kwargs = {"input_ids": _t(input_ids, torch.long), "attention_mask": _t(attention_mask, torch.long),
+              "labels": _t(labels, torch.long), "use_cache": False}
+    return _run(model, kwargs, labels is not None, exact)
+
+
+def t5gemma2_run(config, params, input_ids, labels=None, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, *, dtype="float64", exact=True) -> dict:
+    """T5Gemma2ForConditionalGeneration (eager): t5gemma_run's dict ("encoder_out" too), with
+    params under minencdec's names (one table `model.encoder.embed_tokens.weight` and
+    `...eoi_embedding`; the decoder's table and the LM head are tied to it).
+
+    transformers' T5Gemma 2 derives no mask from pad ids: attention_mask None means every
+    encoder token is attended to (by the encoder and by the decoder's merged attention), and
+    decoder_attention_mask None a plain causal decoder. Labels without decoder_input_ids:
+    shift_right(labels), loss not shifted again (ForMaskedLM), as t5gemma_run. use_cache=False,
+    as in training (eval mode would otherwise build a cache)."""
+    from transformers import T5Gemma2ForConditionalGeneration
+    import torch
+    model = _build(T5Gemma2ForConditionalGeneration, t5gemma2_hf_config(config), params, dtype)
     kwargs = {"input_ids": _t(input_ids, torch.long), "attention_mask": _t(attention_mask, torch.long),
               "labels": _t(labels, torch.long), "decoder_input_ids": _t(decoder_input_ids, torch.long),
               "decoder_attention_mask": _t(decoder_attention_mask, torch.long), "use_cache": False}
@@ -214,6 +280,12 @@ def run_golden(kind, config, params, inputs, opts) -> dict:
         # decoder mask is passed explicitly (the same as transformers' no-cache default).
         return t5gemma_run(config, params, x["input_ids"], x["labels"], x["attention_mask"],
                            decoder_attention_mask=x["decoder_attention_mask"])
+    if kind == "gemma3":
+        return gemma3_run(config, params, x["input_ids"], x["labels"], x["attention_mask"])
+    if kind == "t5gemma2":
+        # Labels only, as for t5gemma; no decoder mask (T5Gemma 2 derives none, and the -100
+        # suffix of the labels only puts pad ids where every later query is ignored too).
+        return t5gemma2_run(config, params, x["input_ids"], x["labels"], x["attention_mask"])
     if kind == "gemma2_classify":
         return gemma2_classify_run(config, params, x["input_ids"], x["labels"],
                                    x["attention_mask"], opts["num_labels"])
@@ -226,11 +298,19 @@ def run_golden(kind, config, params, inputs, opts) -> dict:
 
 def param_shapes_from_hf(config, num_labels=None, is_encoder_decoder=True) -> dict[str, tuple]:
     """Names and shapes of a freshly built transformers model (tied LM head excluded):
-    Gemma2ForCausalLM / T5GemmaForConditionalGeneration, or with `num_labels` the
-    sequence-classification model (T5Gemma: encoder-only unless `is_encoder_decoder`)."""
+    Gemma2ForCausalLM / T5GemmaForConditionalGeneration (Gemma3ForCausalLM /
+    T5Gemma2ForConditionalGeneration for the Gemma 3 family, under minencdec's names), or with
+    `num_labels` the sequence-classification model (T5Gemma: encoder-only unless
+    `is_encoder_decoder`)."""
     from minencdec.model.config import T5GemmaConfig
-    from transformers import (Gemma2ForCausalLM, Gemma2ForSequenceClassification,
-                              T5GemmaForConditionalGeneration, T5GemmaForSequenceClassification)
+    from transformers import (Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma3ForCausalLM,
+                              T5Gemma2ForConditionalGeneration, T5GemmaForConditionalGeneration,
+                              T5GemmaForSequenceClassification)
+    if config.family in ("gemma3", "t5gemma2") and not num_labels:
+        cls, hf = ((T5Gemma2ForConditionalGeneration, t5gemma2_hf_config(config)) if config.family == "t5gemma2"
+                   else (Gemma3ForCausalLM, gemma3_hf_config(config)))
+        model = cls._from_config(hf, attn_implementation="eager")
+        return {n: tuple(p.shape) for n, p in _named_parameters(model).items()}
     if isinstance(config, T5GemmaConfig):
         hf = t5gemma_hf_config(config, num_labels, is_encoder_decoder if num_labels else True)
         cls = T5GemmaForSequenceClassification if num_labels else T5GemmaForConditionalGeneration

@@ -25,21 +25,24 @@ from .options import non_negative_int
 
 
 def cmd_presets(args):
-    print(f"{'preset':<10} {'layers':>6} {'d_model':>7} {'ffn':>6} {'heads':>5} {'kv':>3} {'head_dim':>8} "
-          f"{'decoder-only':>14} {'enc-dec (X-X)':>15}")
+    print(f"{'preset':<12} {'family':<7} {'layers':>6} {'d_model':>7} {'ffn':>6} {'heads':>5} {'kv':>3} "
+          f"{'head_dim':>8} {'decoder-only':>14} {'enc-dec (X-X)':>15}")
     for name, c in PRESETS.items():
-        print(f"{name:<10} {c.num_hidden_layers:>6} {c.hidden_size:>7} {c.intermediate_size:>6} "
+        print(f"{name:<12} {c.family:<7} {c.num_hidden_layers:>6} {c.hidden_size:>7} {c.intermediate_size:>6} "
               f"{c.num_attention_heads:>5} {c.num_key_value_heads:>3} {c.head_dim:>8} "
               f"{num_parameters(c):>14,} {num_parameters(T5GemmaConfig(c, c)):>15,}")
     print(f"9b-2b enc-dec: {num_parameters(T5GemmaConfig(PRESETS['gemma2-9b'], PRESETS['gemma2-2b'])):,}")
+    print("(X-X of a gemma2 preset is a T5Gemma; of a gemma3 one, a T5Gemma 2: one shared table, merged attention)")
     return 0
 
 
 def cmd_info(args):
     if args.target in PRESETS:
-        kind, cfg = "gemma2 preset", PRESETS[args.target]
+        cfg = PRESETS[args.target]
+        kind = f"{cfg.family} preset"
     else:
-        kind, cfg = read_model_config(args.target)
+        _, cfg = read_model_config(args.target)
+        kind = cfg.family                                 # gemma2, gemma3, t5gemma or t5gemma2
     print(f"{args.target}: {kind}, {num_parameters(cfg):,} parameters (tied LM head counted once)")
     stacks = [("encoder", cfg.encoder), ("decoder", cfg.decoder)] if isinstance(cfg, T5GemmaConfig) else [("model", cfg)]
     for label, c in stacks:

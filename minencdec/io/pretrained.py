@@ -1,7 +1,13 @@
 """Hugging Face checkpoint directories in and out: the model kind is read from config.json.
 
-    load_pretrained("dir", dtype="float64")   -> Gemma2Model or T5GemmaModel
-    adapt_checkpoints(enc_dir, dec_dir, out)  -> writes a T5Gemma directory
+    load_pretrained("dir", dtype="float64")   -> Gemma2Model (Gemma 2 or 3) or T5GemmaModel (T5Gemma or 2)
+    adapt_checkpoints(enc_dir, dec_dir, out)  -> writes a T5Gemma (T5Gemma 2) directory
+
+Two kinds, each in two families: "gemma2", a decoder-only model (Gemma2ForCausalLM, or
+Gemma3ForCausalLM: model_type gemma3_text), and "t5gemma", an encoder-decoder
+(T5GemmaForConditionalGeneration, or T5Gemma2ForConditionalGeneration); the model's
+`config.family` says which family. A T5Gemma 2 checkpoint carries a vision tower and a
+projector; minencdec is text-only, reads past them and says so once.
 
 Everything is checked before anything is read or written (minencdec/files/checkpoint.py
 does the tensor-level checks); a failure leaves no half-loaded model and no half-written directory.
@@ -10,6 +16,7 @@ does the tensor-level checks); a failure leaves no half-loaded model and no half
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -18,7 +25,7 @@ from minencdec.files.checkpoint import (CONFIG_FILE, SAVE_TAGS, CheckpointError,
 from minencdec.model import gemma2, t5gemma
 from minencdec.model.adapt import adapt_params, adapted_config, map_name, resolve_cross_attn
 from minencdec.model.backend import check_backend
-from minencdec.model.classify import Classifier
+from minencdec.model.classify import T5GEMMA2_ENCODER_CLASSIFIER, Classifier
 from minencdec.model.config import GemmaConfig, T5GemmaConfig
 from minencdec.model.stack import GEMMA2, T5_ENCODER, stack_param_shapes
 from minencdec.model.validate import resolve_dtype
@@ -32,62 +39,109 @@ def is_classifier(raw: dict) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
 
 
+# model_type -> (kind, family of its stacks)
+_MODEL_TYPES = {"gemma2": ("gemma2", "gemma2"), "gemma3_text": ("gemma2", "gemma3"),
+                "t5gemma": ("t5gemma", "gemma2"), "t5gemma2": ("t5gemma", "gemma3"),
+                T5GEMMA2_ENCODER_CLASSIFIER: ("t5gemma", "gemma3")}
+_ARCHITECTURES = (("Gemma2", "gemma2"), ("Gemma3", "gemma3_text"), ("T5Gemma2", "t5gemma2"), ("T5Gemma", "t5gemma"))
+VISION = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")   # T5Gemma 2's, left out
+
+
 def checkpoint_kind(config: dict) -> str:
-    """"gemma2" (Gemma2ForCausalLM) or "t5gemma" (T5GemmaForConditionalGeneration)."""
+    """"gemma2" (decoder-only: Gemma2ForCausalLM, Gemma3ForCausalLM) or "t5gemma"
+    (encoder-decoder: T5GemmaForConditionalGeneration, T5Gemma2ForConditionalGeneration)."""
+    return _kind_and_family(config)[0]
+
+
+def _kind_and_family(config: dict) -> tuple[str, str]:
     model_type, archs = config.get("model_type"), config.get("architectures") or []
-    if model_type in ("gemma2", "t5gemma"):
-        return model_type
     if model_type is None and isinstance(archs, list):
         for arch in map(str, archs):
-            if arch.startswith("Gemma2"):
-                return "gemma2"
-            if arch.startswith("T5Gemma"):
-                return "t5gemma"
-    raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} (architectures {archs!r}) is "
-                          "neither Gemma 2 ('gemma2') nor T5Gemma ('t5gemma')")
+            model_type = next((mt for prefix, mt in _ARCHITECTURES if arch.startswith(prefix)), None)
+            if model_type:
+                break
+    if model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    if model_type == "gemma3":
+        raise CheckpointError(f"{CONFIG_FILE}: model_type 'gemma3' is Gemma 3's multimodal model; minencdec "
+                              "reads its text model (Gemma3ForCausalLM, model_type 'gemma3_text')")
+    raise CheckpointError(f"{CONFIG_FILE}: model_type {model_type!r} (architectures {archs!r}) is none of "
+                          "Gemma 2, Gemma 3 (text), T5Gemma, T5Gemma 2")
 
 
 def read_model_config(path, raw=None):
     """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory (`raw`: its
     config.json already read)."""
     raw = read_config(path) if raw is None else raw
-    kind = checkpoint_kind(raw)
+    kind, family = _kind_and_family(raw)
     source = os.path.join(str(path), "config.json")
     try:
-        cfg = GemmaConfig.from_hf_dict(raw, source) if kind == "gemma2" else T5GemmaConfig.from_hf_dict(raw, source)
+        if kind == "gemma2":
+            cfg = GemmaConfig.from_hf_dict(raw, source, family=family)
+        else:
+            cfg = T5GemmaConfig.from_hf_dict({**raw, "model_type": "t5gemma2" if family == "gemma3" else "t5gemma"},
+                                             source)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return kind, cfg
 
 
 def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="numpy"):
-    """Load a Gemma2ForCausalLM or T5GemmaForConditionalGeneration directory.
+    """Load a Gemma2ForCausalLM / Gemma3ForCausalLM or a T5GemmaForConditionalGeneration /
+    T5Gemma2ForConditionalGeneration directory (or one of their classifiers).
 
-    `expect` ("gemma2" / "t5gemma") turns a checkpoint of the other kind into a clear error.
-    Weights are converted tensor by tensor, so memory holds one copy (plus one tensor).
-    backend: "numpy" (the reference) or "numba" (the fast path), see backend.py."""
+    `expect` ("gemma2": decoder-only / "t5gemma": encoder-decoder) turns a checkpoint of the
+    other kind into a clear error. Weights are converted tensor by tensor, so memory holds
+    one copy (plus one tensor). backend: "numpy" (the reference) or "numba" (the fast
+    path), see backend.py."""
     dtype, backend = resolve_dtype(dtype), check_backend(backend)
     raw = read_config(path)
     kind, cfg = read_model_config(path, raw)
     if expect is not None:
         _check_kind(path, kind, expect)
-    if is_classifier(raw):
+    if is_classifier(raw) or raw.get("model_type") == T5GEMMA2_ENCODER_CLASSIFIER:
         return _load_classifier(path, raw, kind, cfg, dtype, progress, backend)
-    module = gemma2 if kind == "gemma2" else t5gemma
-    cls = gemma2.Gemma2Model if kind == "gemma2" else t5gemma.T5GemmaModel
-    params = load_tensors(path, module.param_shapes(cfg), dtype, ignore=(module.TIED_HEAD,), progress=progress)
-    return cls(cfg, params, dtype, backend)
+    if kind == "gemma2":
+        params = _read(path, gemma2.param_shapes(cfg), dtype, (gemma2.TIED_HEAD,), progress)
+        return gemma2.Gemma2Model(cfg, params, dtype, backend)
+    ignore = t5gemma.TIED_T5G2 if cfg.family == "t5gemma2" else (t5gemma.TIED_HEAD,)
+    params = _read(path, t5gemma.param_shapes(cfg), dtype, ignore, progress)
+    return t5gemma.T5GemmaModel(cfg, params, dtype, backend)
+
+
+def _read(path, shapes, dtype, ignore, progress):
+    """load_tensors, reading past T5Gemma 2's vision tensors (said once, on stderr) and
+    accepting the encoder's names as transformers holds them in memory
+    (model.encoder.text_model.*) as well as as it writes them (model.encoder.*)."""
+    stored = stored_dtypes(path)
+    vision = [n for n in stored if n.startswith(VISION)]
+    if vision:
+        warnings.warn(f"{path}: minencdec is text-only; left out {len(vision)} vision tensors "
+                      f"({', '.join(sorted({p + '*' for p in VISION if any(n.startswith(p) for n in vision)}))})",
+                      stacklevel=3)
+    inner = "model.encoder.text_model."
+    if not any(n.startswith(inner) for n in stored):
+        return load_tensors(path, shapes, dtype, ignore=tuple(ignore) + tuple(vision), progress=progress)
+    spelled = {n.replace("model.encoder.", inner, 1) if n.startswith("model.encoder.") else n: n for n in shapes}
+    ignore = tuple(n.replace("model.encoder.", inner, 1) if n.startswith("model.encoder.") else n for n in ignore)
+    params = load_tensors(path, {f: shapes[n] for f, n in spelled.items()}, dtype,
+                          ignore=ignore + tuple(vision), progress=progress)
+    return {spelled[f]: a for f, a in params.items()}
 
 
 def _check_kind(path, kind: str, expect: str) -> None:
     if kind != expect:
-        want = {"gemma2": "a Gemma 2 decoder-only (Gemma2ForCausalLM)",
-                "t5gemma": "a T5Gemma encoder-decoder (T5GemmaForConditionalGeneration)"}[expect]
-        raise CheckpointError(f"{path} holds a {kind} checkpoint, but {want} checkpoint is needed here")
+        have = {"gemma2": "a decoder-only", "t5gemma": "an encoder-decoder"}[kind]
+        want = {"gemma2": "a decoder-only (Gemma2ForCausalLM or Gemma3ForCausalLM)",
+                "t5gemma": "an encoder-decoder (T5GemmaForConditionalGeneration or "
+                           "T5Gemma2ForConditionalGeneration)"}[expect]
+        raise CheckpointError(f"{path} holds {have} checkpoint, but {want} checkpoint is needed here")
 
 
 def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
-    """A Gemma2ForSequenceClassification or (encoder-only) T5GemmaForSequenceClassification."""
+    """A Gemma2ForSequenceClassification / Gemma3TextForSequenceClassification, an
+    (encoder-only) T5GemmaForSequenceClassification, or minencdec's T5Gemma 2 encoder
+    classifier (model/classify.py)."""
     if kind == "t5gemma" and raw.get("is_encoder_decoder", True):
         raise CheckpointError(f"{path}: T5Gemma classification with is_encoder_decoder=true is not "
                               "supported (minencdec classifies from the encoder, the paper's setup)")
@@ -99,8 +153,11 @@ def _load_classifier(path, raw, kind, cfg, dtype, progress, backend):
     shapes[head + "weight"] = (num_labels, stack.hidden_size)
     if kind == "t5gemma":
         shapes[head + "bias"] = (num_labels,)
+    eoi = cfg.eoi_token_index if kind == "t5gemma" else None
+    if eoi is not None:
+        shapes[t5gemma.EOI] = (stack.hidden_size,)
     params = load_tensors(path, shapes, dtype, progress=progress)
-    return Classifier(kind, stack, params, num_labels, dtype, backend)
+    return Classifier(kind, stack, params, num_labels, dtype, backend, eoi)
 
 
 def _tokenizer_files(path):

@@ -120,9 +120,9 @@ def test_bad_pairs_fail_before_anything_is_written(checkpoints):
     with pytest.raises(ValueError, match="copy needs equal widths.*24.*16"):
         adapt_checkpoints(tmp / "large", tmp / "small", tmp / "out", cross_attn="copy")
     adapt_checkpoints(tmp / "small", tmp / "small", tmp / "t5")
-    with pytest.raises(CheckpointError, match="t5gemma checkpoint, but a Gemma 2 decoder-only"):
+    with pytest.raises(CheckpointError, match="encoder-decoder checkpoint, but a decoder-only"):
         adapt_checkpoints(tmp / "t5", tmp / "small", tmp / "out")
-    with pytest.raises(CheckpointError, match="gemma2 checkpoint, but a T5Gemma"):
+    with pytest.raises(CheckpointError, match="decoder-only checkpoint, but an encoder-decoder"):
         load_pretrained(tmp / "small", expect="t5gemma")
     assert not (tmp / "out").exists()
     assert sorted(os.listdir(tmp)) == ["large", "small", "t5", "vocab80"]   # no temporary leftovers

@@ -117,14 +117,15 @@ def _lm_config(path):
     """(kind, config) of a language-model checkpoint directory; classifiers are refused."""
     raw = read_config(path)
     if is_classifier(raw):
-        raise ValueError(f"{path} is a classifier; dumps need a Gemma2ForCausalLM or "
-                         "T5GemmaForConditionalGeneration checkpoint")
+        raise ValueError(f"{path} is a classifier; dumps need a language model checkpoint (Gemma2ForCausalLM, "
+                         "Gemma3ForCausalLM, T5GemmaForConditionalGeneration or T5Gemma2ForConditionalGeneration)")
     return read_model_config(path, raw)
 
 
 def _hf_record_name(module_name):
     """transformers module name -> the activation its forward output is, or None."""
     name = module_name.removeprefix("model.")       # "encoder.layers.0.post_self_attn_layernorm"
+    name = name.replace("encoder.text_model.", "encoder.", 1)   # T5Gemma 2 nests its text encoder
     head, _, last = name.rpartition(".")
     if last in _HF_POST_NORMS and re.fullmatch(_LAYER, head):
         return f"{head}.{_HF_POST_NORMS[last]}"
@@ -135,8 +136,9 @@ def _hf_record_name(module_name):
 
 def dump_transformers(path, input_ids, attention_mask=None, decoder_input_ids=None,
                       decoder_attention_mask=None, dtype="float64", exact=True) -> dict[str, np.ndarray]:
-    """The same activations from transformers' eager Gemma2ForCausalLM /
-    T5GemmaForConditionalGeneration loaded from checkpoint directory `path`, captured by
+    """The same activations from transformers' eager Gemma2ForCausalLM / Gemma3ForCausalLM /
+    T5GemmaForConditionalGeneration / T5Gemma2ForConditionalGeneration loaded from checkpoint
+    directory `path`, captured by
     forward hooks (a pre-hook on layer 0 for `embed`). `exact`: under float64_exact(), so a
     float64 run has no float32 islands. Needs the `oracle` extra."""
     from .hf_oracle import float64_exact
@@ -147,9 +149,16 @@ def dump_transformers(path, input_ids, attention_mask=None, decoder_input_ids=No
         import transformers
     except ImportError as e:
         raise ImportError("dump_transformers needs torch and transformers: pip install -e '.[oracle]'") from e
-    cls = transformers.Gemma2ForCausalLM if kind == "gemma2" else transformers.T5GemmaForConditionalGeneration
+    cls = {"gemma2": transformers.Gemma2ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
+           "t5gemma": transformers.T5GemmaForConditionalGeneration,
+           "t5gemma2": transformers.T5Gemma2ForConditionalGeneration}[config.family]
     torch_dtype = getattr(torch, resolve_dtype(dtype).name)
-    model = cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch_dtype).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()       # a T5Gemma 2's vision tower: reported missing, unused
+    try:
+        model = cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch_dtype).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     acts, hooks = {}, []
 
     def save(name, h):

@@ -267,7 +267,7 @@ def case_seed(name: str) -> int:
 def random_params(shapes: dict[str, tuple], seed: int, std: float = PARAM_STD,
                   norm_std: float = NORM_STD) -> dict[str, np.ndarray]:
     """float64 parameters: weights and biases N(0, std^2); RMSNorm weights N(0, norm_std^2), so
-    the effective scale 1 + w is random and never the identity (STYLE.md 11).
+    the effective scale 1 + w is random and never the identity (zeros would hide a forgotten `1 +`).
 
     Each tensor has its own generator seeded by (seed, name), so the values do not depend on
     the order of `shapes` (cases.py's order or transformers')."""

@@ -249,7 +249,7 @@ else:
 # The same config class describes the real models. `num_parameters` counts every tensor
 # once (the LM head is tied to the embedding); an encoder-decoder pair is a `T5GemmaConfig`
 # whose decoder layers also carry cross-attention. These must reproduce the paper's counts
-# exactly (REFERENCE.md section 5); a wrong head count or a missing norm would not.
+# exactly (the T5Gemma paper, arXiv 2504.06225, section 4); a wrong head count or a missing norm would not.
 
 # %%
 paper = {"S-S": ("small", "small", 312_517_632), "B-B": ("base", "base", 591_490_560),
@@ -267,5 +267,5 @@ for pair, (enc, dec, want) in paper.items():
     print(f"{pair:8s} {c.num_hidden_layers:6d} {c.hidden_size:7d} {c.num_attention_heads:5d} "
           f"{c.num_key_value_heads:3d} {got:15,d}")
     assert got == want, (pair, got, want)
-print("all counts match REFERENCE.md section 5")
+print("all counts match the paper's (arXiv 2504.06225, section 4)")
 print("figures:", sorted(f.name for f in FIG.glob("03_*.png")))

@@ -5,7 +5,7 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 `weight_map` maps each tensor name to its shard, a file name in the same directory). One
 safetensors file is read and written by safetensors_file.py.
 
-The loader asserts instead of trusting (STYLE.md 5): every header is parsed and checked
+The loader asserts instead of trusting: every header is parsed and checked
 against its file's size, the model's expected names and shapes, before any weight is read.
 Then weights are read one tensor at a time, so memory holds the model once plus one tensor,
 from files opened once: a save that replaces the directory meanwhile cannot mix two

@@ -5,7 +5,7 @@ in transformers) or the encoder or decoder of an encoder-decoder (`T5GemmaModule
 `T5Gemma2TextConfig`). `T5GemmaConfig` pairs an encoder and a decoder. Field names are the
 Hugging Face ones; hf_config.py maps `config.json` onto them and back.
 
-Two families share one stack (STYLE: a second family is options, not a copy). What a Gemma 3
+Two families share one stack: a second family is options of it, not a copy. What a Gemma 3
 stack does differently from a Gemma 2 one is said here, by `family`:
 
     qk_norm              RMSNorm (1 + w) over head_dim on each query and key, before RoPE

@@ -2,7 +2,7 @@
 
 Every `*_forward` returns `(output, cache)`; the matching `*_backward(d_output, cache)`
 returns the gradients of the forward's inputs, in the forward's argument order. No state
-lives on objects (STYLE.md 1). Arrays are float32 or float64; the caller picks.
+lives on objects. Arrays are float32 or float64; the caller picks.
 
 Axes: B batch, T sequence, D model width, F ffn width, V vocab, H heads, Dh head dim.
 Linear weights are stored as Hugging Face stores them: (out_features, in_features).

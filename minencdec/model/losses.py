@@ -3,7 +3,7 @@
 Cross-entropy: loss = mean over tokens whose target != -100 of  logsumexp(z) - z[target],
 the mean transformers takes (reduction "mean" over non-ignored tokens).
 
-Distillation (the paper's PrefixLM objective, REFERENCE.md section 4): cross-entropy against
+Distillation (the paper's PrefixLM objective, arXiv 2504.06225 section 3): cross-entropy against
 the teacher's distribution, the teacher being the decoder-only model run on the same tokens,
 mixed with the ground-truth cross-entropy:
 

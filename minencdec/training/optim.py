@@ -1,6 +1,6 @@
 """AdamW with parameter freezing, global-norm gradient clipping and learning-rate schedules.
 
-Parameters and gradients are dicts keyed by the checkpoint's tensor names (STYLE.md 4), so a
+Parameters and gradients are dicts keyed by the checkpoint's tensor names, so a
 step is a loop over keys. For each trainable parameter p with gradient g, at its own step t:
 
     p  = p - lr wd p                      decoupled weight decay (Loshchilov & Hutter), first

@@ -1,7 +1,7 @@
 """Tests of the oracle itself: transformers made float64-exact (oracle_hf.py), the test cases
 (cases.py) and the golden files (golden/*.safetensors, from golden/make_golden.py).
 
-The independent formulation below is a few lines of torch float64 written from REFERENCE.md,
+The independent formulation below is a few lines of torch float64 written from transformers' modeling_gemma2 / modeling_t5gemma,
 not from transformers' code; it shares nothing with the oracle but torch's primitives.
 Regenerate stale golden files with `python tests/golden/make_golden.py`.
 """
@@ -356,7 +356,7 @@ def test_classification_pooling_and_loss():
 
 @pytest.mark.parametrize("name", [*cases.GEMMA2_CASES, *cases.T5GEMMA_CASES])
 def test_param_shapes_equal_transformers(name):
-    """cases.py's name/shape lists (written from REFERENCE.md) == transformers' parameters."""
+    """cases.py's name/shape lists (written from transformers' module code) == transformers' parameters."""
     pytest.importorskip("torch")
     import oracle_hf
     config = cases.case_config(name)

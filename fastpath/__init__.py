@@ -1,9 +1,10 @@
 """Numba kernels for minencdec's hot loops, each beside the reference function it replaces.
 
-    attention.attention_forward(q, k, v, scale, cap, causal, window, rule, key_mask, q_offset)
+    attention.attention_forward(q, k, v, scale, cap, causal, window, rule, key_mask, q_offset,
+                                extra_keys, extra_key_mask)   the mask: attention.Mask's fields
     attention.attention_backward(do, cache)          tiled, online softmax: no T x S array
-    attention.dense_mask(T, S, causal, window, rule, key_mask, q_offset)   the reference's mask
-    decode.decode_attention(q, k, v, scale, cap, causal, window, rule, key_mask, q_offset)
+    attention.dense_mask(T, S, causal, window, rule, key_mask, q_offset, ...)   the reference's mask
+    decode.decode_attention(q, k, v, scale, cap, causal, window, rule, key_mask, q_offset, ...)
     norm.rmsnorm_forward(x, w, eps) / norm.rmsnorm_backward(dy, cache)   same cache as layers.py
     lmhead.lm_head_cross_entropy(h, table, targets, cap) / lm_head_cross_entropy_backward(cache)
     mlp.mlp_forward(x, w_gate, w_up, w_down) / mlp.mlp_backward(dy, cache)   GeGLU middle in one pass

@@ -22,14 +22,22 @@ it, and uses rowsum(dp * p) = rowsum(do * o) = delta (one number per query row):
 
 Memory is O(T + S) per head (the tiles and lse), against O(T S) for the reference.
 
-The mask description: query i sits at position q_offset + i, key j at position j.
+The mask description (the fields of `minencdec.model.attention.Mask`): query i sits at
+position q_offset + i, own key j at position j.
     causal, window None     j <= i                    (decoder self-attention)
     causal, window w        i - w < j <= i            (w keys including itself)
     not causal, window None every key                 (encoder, cross-attention)
-    not causal, window w    |i - j| <= w (rule "le", transformers 5) or < w (rule "lt")
-    key_mask (B, S)         False/0 keys are hidden (padding), on top of the above
-For every one of these, the keys a query sees form one interval [lo_i, hi_i] (before the
-padding), and lo_i, hi_i never decrease with i: that is what lets a tile be skipped whole.
+    not causal, window w    |i - j| <= w (rule "le", transformers 5) or < w (rule "lt"),
+                            or -((w - 1) // 2) <= j - i <= w // 2 (rule "t5gemma2")
+    key_mask (B, n)         False/0 own keys are hidden (padding), on top of the above
+    extra_keys E            T5Gemma 2's merged attention: the last E of the S keys (the
+                            encoder's) follow the n = S - E own keys; every query sees each
+                            of them unless extra_key_mask (B, E) marks it as padding
+For every one of these, the own keys a query sees form one interval [lo_i, hi_i] (before
+the padding), and lo_i, hi_i never decrease with i: that is what lets a tile be skipped
+whole. The extra keys get tiles of their own (tiles.tile_keys: own keys from tile 0, extra
+keys from tile xt on, no tile mixes the two), in which every row's interval is the whole
+tile: a query tile walks its own-key tiles, then every extra tile that holds a real key.
 A query that sees no key gets output 0 and sends back zero gradients, like the reference.
 For a sliding KV cache whose first kept key sits at absolute position p0, pass positions
 relative to it: q_offset = (absolute position of query 0) - p0.
@@ -51,16 +59,17 @@ import numpy as np
 from minencdec.model import attention as reference
 
 from .jit import kernel, lanes, run_lanes
-from .masks import _check_description, dense_mask, visible_intervals  # noqa: F401  (dense_mask: public here)
+from .masks import _check_description, _check_shapes, _key_validity, visible_intervals
+from .masks import dense_mask  # noqa: F401  (public here: the tests and the benchmark use it)
 from .mathfn import exp, tanh
-from .tiles import _round4, _transpose_tiles, _untile, mm_nn, mm_tn, tile_rows
+from .tiles import _round4, _transpose_tiles, _untile, mm_nn, mm_tn, tile_keys, tile_rows, untile_keys
 
 BLOCK = 64          # default BQ and BK: a 64 x 64 float32 score tile is 16 KiB, half of L1
 _DTYPES = (np.float32, np.float64)
 
 def _tile_bounds(lo, hi, S, n_tiles, tile):
-    """Per query tile, the smallest lo and largest hi over its rows that see anything
-    (S and -1 for a tile whose rows see nothing)."""
+    """Per query tile, the smallest lo and largest hi over its rows that see any own key
+    (S and -1 for a tile whose rows see none; S = the number of own keys)."""
     seen = lo <= hi
     pad = n_tiles * tile - len(lo)
     lo_s = np.concatenate([np.where(seen, lo, S), np.full(pad, S, np.int64)])
@@ -143,13 +152,15 @@ def _forward_row(srow, j0, lo, hi, kvalid, full, scale, cap, inv_cap, consts, m,
 
 
 @kernel
-def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T, scale, cap, consts, o, lse):
+def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, xt, T, scale, cap, consts, o, lse):
     """Every n_lanes-th (batch, head, query tile) item from `lane` on (round-robin).
-    consts = (0, 1, -inf) in the arrays' dtype: a bare 0 or 1.0 in a kernel is int64 or
-    float64, and float32 * float64 would turn the whole loop into float64."""
+    Key tiles xt and later hold extra keys (module notes). consts = (0, 1, -inf) in the
+    arrays' dtype: a bare 0 or 1.0 in a kernel is int64 or float64, and float32 * float64
+    would turn the whole loop into float64."""
     B, H, nqt, BQ, Dp = Qt.shape
-    K, BK = KT.shape[1], KT.shape[4]
+    K, nkt, BK = KT.shape[1], KT.shape[2], KT.shape[4]
     G, Dh = H // K, o.shape[3]
+    x_lo, x_hi = xt * BK, nkt * BK - 1                        # every row's interval in an extra tile
     n_items = B * H * nqt
     inv_cap = consts[1] / cap if cap > 0 else cap
     s = np.empty((BQ, BK), Qt.dtype)                          # scores, then probabilities
@@ -172,15 +183,18 @@ def _forward_lane(lane, n_lanes, Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T,
         # count that the two lanes contend for (measured: the backward scaled 1.25x on two
         # threads with views per row, 1.5x with them hoisted).
         q_tile, k_b, v_b, kv_b, kt_b = Qt[b, h, qt], KT[b, kh], Vt[b, kh], kvalid[b], ktile[b]
-        for t in range(tlo[qt] // BK, thi[qt] // BK + 1):     # only the key tiles it can see
+        t_own = tlo[qt] // BK
+        n_own = max(thi[qt] // BK + 1 - t_own, 0)             # the own-key tiles it can see,
+        for step in range(n_own + nkt - xt):                  # then every extra-key tile
+            t = t_own + step if step < n_own else xt + step - n_own
             if not kt_b[t]:
                 continue
             s[:rows4] = 0
             mm_nn(q_tile, k_b[t], s, rows4, Dp, BK)           # s = q k^T
-            full = kt_b[t] == 2
+            full, extra = kt_b[t] == 2, t >= xt
             for r in range(rows):
-                _forward_row(s[r], t * BK, lo[i0 + r], hi[i0 + r], kv_b, full,
-                             scale, cap, inv_cap, consts, m, l, acc, r)
+                _forward_row(s[r], t * BK, x_lo if extra else lo[i0 + r], x_hi if extra else hi[i0 + r], kv_b,
+                             full, scale, cap, inv_cap, consts, m, l, acc, r)
             mm_nn(s, v_b[t], acc, rows4, BK, Dp)              # acc += p v
         for r in range(rows):
             if l[r] > 0:
@@ -230,13 +244,15 @@ def _backward_row(srow, dprow, prow, dsrow, j0, lo, hi, kvalid, full, scale, cap
 
 
 @kernel
-def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tlo, thi, lse, delta, T, S,
+def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tlo, thi, xt, lse, delta, T,
                    scale, cap, consts, dq_part, dk_t, dv_t):
-    """Every n_lanes-th (batch, kv head, key tile) item from `lane` on; dq_part[lane] is its own."""
+    """Every n_lanes-th (batch, kv head, key tile) item from `lane` on; dq_part[lane] is its own.
+    An extra-key tile (t >= xt) is seen by every query tile."""
     dq = dq_part[lane]
     B, H, nqt, BQ, Dp = Qt.shape
     K, nkt, BK = KT.shape[1], KT.shape[2], KT.shape[4]
     G = H // K
+    x_lo, x_hi = xt * BK, nkt * BK - 1
     n_items = B * K * nkt
     inv_cap = consts[1] / cap if cap > 0 else cap
     s = np.empty((BQ, BK), Qt.dtype)
@@ -249,8 +265,8 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tl
             t = nkt - 1 - t
         if not ktile[b, t]:
             continue                                          # dk, dv of padding stay 0
-        j0 = t * BK
-        j_last = min(j0 + BK, S) - 1
+        j0, extra = t * BK, t >= xt
+        j_last = j0 + BK - 1
         dk_tile, dv_tile = dk_t[b, kh, t], dv_t[b, kh, t]     # this item's own output tiles
         k_tile, kT_tile, vT_tile = KT[b, kh, t], Kt[b, kh, t], VT[b, kh, t]
         kv_b, full = kvalid[b], ktile[b, t] == 2              # views once per item (see _forward_lane)
@@ -258,7 +274,7 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tl
             h = kh * G + g
             lse_h, delta_h, dq_h, q_h, do_h = lse[b, h], delta[b, h], dq[b, h], Qt[b, h], dOt[b, h]
             for qt in range(nqt):
-                if tlo[qt] > j_last or thi[qt] < j0:
+                if not extra and (tlo[qt] > j_last or thi[qt] < j0):
                     continue                                  # no row of this tile sees these keys
                 i0 = qt * BQ
                 rows = min(BQ, T - i0)
@@ -271,8 +287,9 @@ def _backward_lane(lane, n_lanes, Qt, dOt, KT, Kt, VT, kvalid, ktile, lo, hi, tl
                 p[rows:rows4] = 0
                 ds[rows:rows4] = 0
                 for r in range(rows):
-                    _backward_row(s[r], dp[r], p[r], ds[r], j0, lo[i0 + r], hi[i0 + r], kv_b, full,
-                                  scale, cap, inv_cap, consts, lse_h[i0 + r], delta_h[i0 + r])
+                    _backward_row(s[r], dp[r], p[r], ds[r], j0, x_lo if extra else lo[i0 + r],
+                                  x_hi if extra else hi[i0 + r], kv_b, full, scale, cap, inv_cap, consts,
+                                  lse_h[i0 + r], delta_h[i0 + r])
                 mm_tn(p, do_tile, dv_tile, BK, rows4, Dp)        # dv += p^T do
                 mm_tn(ds, q_tile, dk_tile, BK, rows4, Dp)        # dk += ds^T q
                 mm_nn(ds, kT_tile, dq_h[qt], rows4, BK, Dp)      # dq += ds k
@@ -287,13 +304,15 @@ class FlashCache(NamedTuple):
     Vt: np.ndarray                                            # (B, K, nkt, BK, Dp)
     o: np.ndarray                                             # (B, H, T, Dh)
     lse: np.ndarray                                           # (B, H, T)
-    kvalid: np.ndarray                                        # (B, nkt * BK) bool: a real key (padding and the tail past S are False)
+    kvalid: np.ndarray                                        # (B, nkt * BK) bool: a real key (padding, tails are False)
     ktile: np.ndarray                                         # (B, nkt) int8: 0 no real key in the tile, 1 some, 2 all
-    lo: np.ndarray                                            # (T,) first visible key of each query
-    hi: np.ndarray                                            # (T,) last visible key
+    lo: np.ndarray                                            # (T,) first visible own key of each query
+    hi: np.ndarray                                            # (T,) last visible own key
     tlo: np.ndarray                                           # (nqt,) smallest lo of a query tile
     thi: np.ndarray                                           # (nqt,) largest hi
-    S: int
+    S: int                                                    # keys in all
+    n_own: int                                                # own keys (S - extra_keys)
+    xt: int                                                   # the first extra-key tile (nkt: none)
     scale: float
     cap: float                                                # 0 = no softcap
 
@@ -308,57 +327,43 @@ def _covered(*arrays):
     return dt in _DTYPES and all(a.dtype == dt for a in arrays)
 
 
-def _check_shapes(q, k, v, key_mask):
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"attention: q must be (B, H, T, Dh) and k, v (B, K, S, Dh) of one shape; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    (B, H, T, Dh), (Bk, K, S, Dk) = q.shape, k.shape
-    if B != Bk or Dh != Dk or K == 0 or H % K != 0:
-        raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head dim, "
-                         "or query heads not a multiple of kv heads)")
-    if T == 0 or S == 0:
-        raise ValueError(f"attention: empty query or key axis (T={T}, S={S})")
-    if key_mask is not None and np.shape(key_mask) not in ((B, S), (1, S)):
-        raise ValueError(f"attention: key_mask must be (B, S) = ({B}, {S}), got {np.shape(key_mask)}")
-
-
 def attention_forward(q, k, v, scale, cap=None, causal=False, window=None, rule="le",
-                      key_mask=None, q_offset=0, block=(BLOCK, BLOCK)):
+                      key_mask=None, q_offset=0, extra_keys=0, extra_key_mask=None, block=(BLOCK, BLOCK)):
     """softmax(softcap(q k^T * scale) masked) v, masked by a description (module notes).
 
-    q (B, H, T, Dh), k and v (B, K, S, Dh) with H a multiple of K; key_mask (B, S) or None.
-    Returns o (B, H, T, Dh) and the cache for `attention_backward`. `block` = (BQ, BK), the
-    tile sizes (rounded up to multiples of 4; the tests use small ones). Arrays that are not
-    all float32 or all float64 go to the reference with a dense mask."""
+    q (B, H, T, Dh), k and v (B, K, S, Dh) with H a multiple of K; key_mask (B, S - extra_keys)
+    or None; extra_key_mask (B, extra_keys) or None. Returns o (B, H, T, Dh) and the cache
+    for `attention_backward`. `block` = (BQ, BK), the tile sizes (rounded up to multiples of
+    4; the tests use small ones). Arrays that are not all float32 or all float64 go to the
+    reference with a dense mask."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    _check_description(causal, window, rule, q_offset)
-    _check_shapes(q, k, v, key_mask)
+    _check_description(causal, window, rule, q_offset, extra_keys)
+    _check_shapes(q, k, v, key_mask, extra_keys, extra_key_mask)
     if cap is not None and not cap > 0:
         raise ValueError(f"cap must be None or > 0, got {cap!r}")
     B, H, T, Dh = q.shape
-    S = k.shape[2]
+    S, E = k.shape[2], int(extra_keys)
+    n = S - E                                                 # own keys, then E extra keys
     if not _covered(q, k, v):
-        mask = dense_mask(T, S, causal, window, rule, key_mask, q_offset)
+        mask = dense_mask(T, S, causal, window, rule, key_mask, q_offset, E, extra_key_mask)
         o, c = reference.attention_forward(q, k, v, mask, scale, cap)
         return o, ("reference", c)
     dt = q.dtype.type
-    BQ, BK = min(_round4(block[0]), _round4(T)), min(_round4(block[1]), _round4(S))
-    Dp, nqt, nkt = _round4(Dh), -(-T // BQ), -(-S // BK)
-    lo, hi = visible_intervals(T, S, causal, window, rule, int(q_offset))
-    tlo, thi = _tile_bounds(lo, hi, S, nqt, BQ)
-    kvalid = np.zeros((B, nkt * BK), dtype=bool)
-    kvalid[:, :S] = True if key_mask is None else (np.asarray(key_mask) != 0)
-    tiles = kvalid.reshape(B, nkt, BK)
-    ktile = (tiles.any(axis=2).astype(np.int8) + tiles.all(axis=2))      # 0 none, 1 some, 2 all real
+    BQ, BK = min(_round4(block[0]), _round4(T)), min(_round4(block[1]), _round4(max(n, E)))
+    Dp, nqt, xt = _round4(Dh), -(-T // BQ), -(-n // BK)
+    nkt = xt + -(-E // BK)
+    lo, hi = visible_intervals(T, n, causal, window, rule, int(q_offset))
+    tlo, thi = _tile_bounds(lo, hi, n, nqt, BQ)
+    kvalid, ktile = _key_validity(B, n, E, xt, nkt, BK, key_mask, extra_key_mask)
     Qt = tile_rows(q, nqt, BQ, Dp)                            # (B, H, nqt, BQ, Dp)
-    KT = _transpose_tiles(tile_rows(k, nkt, BK, Dp))          # (B, K, nkt, Dp, BK)
-    Vt = tile_rows(v, nkt, BK, Dp)                            # (B, K, nkt, BK, Dp)
+    KT = _transpose_tiles(tile_keys(k, n, xt, nkt, BK, Dp))   # (B, K, nkt, Dp, BK)
+    Vt = tile_keys(v, n, xt, nkt, BK, Dp)                     # (B, K, nkt, BK, Dp)
     o = np.empty((B, H, T, Dh), q.dtype)
     lse = np.empty((B, H, T), q.dtype)
     cap_ = dt(0 if cap is None else cap)
-    run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, T, dt(scale),
+    run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, xt, T, dt(scale),
               cap_, _consts(dt), o, lse)
-    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, ktile, lo, hi, tlo, thi, S, scale, float(cap_))
+    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, ktile, lo, hi, tlo, thi, S, n, xt, scale, float(cap_))
 
 
 def attention_backward(do, cache):
@@ -382,7 +387,7 @@ def attention_backward(do, cache):
     dq_part = np.zeros((n_lanes, B, H, nqt, BQ, Dp), c.o.dtype)
     dk_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
     dv_t = np.zeros((B, K, nkt, BK, Dp), c.o.dtype)
-    run_lanes(_backward_lane, n_lanes, c.Qt, dOt, c.KT, Kt, VT, c.kvalid, c.ktile, c.lo, c.hi, c.tlo, c.thi,
-              c.lse, delta, T, c.S, dt(c.scale), dt(c.cap), _consts(dt), dq_part, dk_t, dv_t)
+    run_lanes(_backward_lane, n_lanes, c.Qt, dOt, c.KT, Kt, VT, c.kvalid, c.ktile, c.lo, c.hi, c.tlo, c.thi, c.xt,
+              c.lse, delta, T, dt(c.scale), dt(c.cap), _consts(dt), dq_part, dk_t, dv_t)
     dq = dq_part[0] if n_lanes == 1 else dq_part.sum(axis=0)
-    return _untile(dq, T, Dh), _untile(dk_t, c.S, Dh), _untile(dv_t, c.S, Dh)
+    return _untile(dq, T, Dh), untile_keys(dk_t, c.n_own, c.xt, c.S, Dh), untile_keys(dv_t, c.n_own, c.xt, c.S, Dh)

@@ -18,8 +18,10 @@ bench_kernels.py, the whole-model ones in bench_model.py, the measuring in measu
                  memory of the reference, the fast path and torch (transformers' Gemma 2
                  eager_attention_forward, or the same math in torch if transformers is absent;
                  at the Numba thread count or at 1 thread, whichever is faster: torch_best_time)
+  merged         T5Gemma 2's merged attention (T own keys + S = T encoder keys), forward +
+                 backward: time and peak memory of the reference and the fast path
   decode         one decode step's attention over a 256-key cache
-  rmsnorm        (8 x 256, 512) forward + backward
+  rmsnorm        (8 x 256, 512) forward + backward, and QK-norm on (8, 4, 256, 256) heads
   lm_head        LM head + softcap 30 + cross-entropy, forward + backward, N = 2048, V = 8192, D = 512
   threads        a BLAS matmul followed by the fast attention: sum of parts vs back to back,
                  with OpenBLAS's default thread timeout and with OPENBLAS_THREAD_TIMEOUT=4
@@ -112,7 +114,7 @@ def _run(args):
     compile_s = compile_all(verbose=False)
     results["compile_s"] = compile_s
     print(f"fast path kernels compiled or loaded from the cache in {compile_s:.1f} s")
-    for section in (blas, bench_kernels.attention, bench_kernels.decode, bench_kernels.rmsnorm,
+    for section in (blas, bench_kernels.attention, bench_kernels.merged, bench_kernels.decode, bench_kernels.rmsnorm,
                     bench_kernels.lm_head, bench_kernels.threads):
         if not args.only or section.__name__ in args.only:
             results[section.__name__] = section(args.quick)

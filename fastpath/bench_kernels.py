@@ -1,6 +1,7 @@
 """The kernel sections of `python -m fastpath.bench`: each fast kernel against the NumPy
-reference and torch on the same inputs (attention, decode step, RMSNorm, fused LM head),
-and the thread interplay of OpenBLAS and the kernels. See bench.py for the whole list.
+reference and torch on the same inputs (attention, T5Gemma 2's merged attention, decode
+step, RMSNorm and QK-norm, fused LM head), and the thread interplay of OpenBLAS and the
+kernels. See bench.py for the whole list.
 """
 
 from __future__ import annotations
@@ -97,6 +98,45 @@ def attention(quick):
     return {"torch_impl": torch_name, "rows": rows}
 
 
+def merged(quick):
+    """T5Gemma 2's merged attention (decoder self-attention over its own T keys, causal, then
+    S = T encoder keys, the last 8 padding), forward + backward, float32, B=1, H=8, K=4,
+    Dh=64, no softcap (Gemma 3 has none): the reference against the fast path."""
+    rng = np.random.default_rng(0)
+    B, H, K, Dh, scale = 1, 8, 4, 64, 64**-0.5
+    lengths = [128, 256, 512, 1024] if quick else [128, 256, 512, 1024, 2048]
+    repeat = 2 if quick else 3
+    print(f"\nmerged attention (T5Gemma 2 decoder) forward+backward, B={B} H={H} K={K} Dh={Dh} float32, "
+          f"S = T encoder keys (8 padded)\n  {'mask':15s} {'T = S':>5s} | {'time s: numpy':>13s} {'fast':>7s} | "
+          f"{'fast vs numpy':>13s} | {'peak MiB (tracemalloc): numpy':>29s} {'fast':>7s} | "
+          f"{'the scores H x T x (T + S)':>26s}")
+    rows = []
+    for window in (None, 128):
+        for T in lengths:
+            q, do = (rng.standard_normal((B, H, T, Dh), dtype=np.float32) for _ in range(2))
+            k, v = (rng.standard_normal((B, K, 2 * T, Dh), dtype=np.float32) for _ in range(2))
+            enc_mask = np.ones((B, T), bool)
+            enc_mask[:, -8:] = False
+            desc = dict(causal=True, window=window, extra_keys=T, extra_key_mask=enc_mask)
+
+            def run_ref():
+                o, c = ref_attention.attention_forward_masked(q, k, v, ref_attention.Mask(**desc), scale, None)
+                return ref_attention.attention_backward(do, c)
+
+            def run_fast():
+                o, c = fast_attention.attention_forward(q, k, v, scale, None, **desc)
+                return fast_attention.attention_backward(do, c)
+
+            row = {"T": T, "S": T, "window": window, "numpy_s": best_time(run_ref, 1 if T >= 2048 else repeat),
+                   "fast_s": best_time(run_fast, repeat), "numpy_traced": traced_peak(run_ref),
+                   "fast_traced": traced_peak(run_fast), "scores_bytes": H * T * 2 * T * 4}
+            rows.append(row)
+            print(f"  {'causal' if window is None else f'causal w={window}':15s} {T:5d} | {row['numpy_s']:13.3f} "
+                  f"{row['fast_s']:7.3f} | {row['numpy_s'] / row['fast_s']:12.1f}x | {_mib(row['numpy_traced']):>29s} "
+                  f"{_mib(row['fast_traced'])} | {_mib(row['scores_bytes']):>26s}")
+    return {"rows": rows}
+
+
 def decode(quick):
     """One generation step's attention: 1 query row, 8 heads, a 256-key cache (self: causal,
     cross: key padding)."""
@@ -120,12 +160,25 @@ def decode(quick):
 
 
 def rmsnorm(quick):
+    """The model's norms, (8 x 256, 512), and Gemma 3's QK-norm: RMSNorm over head_dim of the
+    (B, H, T, Dh) = (8, 4, 256, 256) heads, a transposed view of the q projection (as
+    attention._split_heads makes it), float32."""
     rng = np.random.default_rng(0)
+    out = {}
     x = rng.standard_normal((8 * 256, 512), dtype=np.float32)
     w = (rng.standard_normal(512) * 0.1).astype(np.float32)
+    out["model"] = _rmsnorm_rows("rmsnorm (2048, 512) float32 (milliseconds)", x, w)
+    heads = rng.standard_normal((8, 256, 4, 256), dtype=np.float32).transpose(0, 2, 1, 3)
+    w = (rng.standard_normal(256) * 0.1).astype(np.float32)
+    out["qk_norm"] = _rmsnorm_rows("qk-norm (8, 4, 256, 256) heads view float32 (milliseconds)", heads, w)
+    return out
+
+
+def _rmsnorm_rows(title, x, w):
+    rng = np.random.default_rng(1)
     dy = rng.standard_normal(x.shape, dtype=np.float32)
     out = {}
-    print("\nrmsnorm (2048, 512) float32 (milliseconds)")
+    print(f"\n{title}")
     for part in ("forward", "backward"):
         if part == "forward":
             f_ref = lambda: ref_layers.rmsnorm_forward(x, w, 1e-6)             # noqa: E731

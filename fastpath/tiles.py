@@ -81,3 +81,23 @@ def _untile(x, L, Dh):
     """(B, N, n_tiles, tile, Dp) -> (B, N, L, Dh)."""
     B, N, n, tile, Dp = x.shape
     return np.ascontiguousarray(x.reshape(B, N, n * tile, Dp)[:, :, :L, :Dh])
+
+
+def tile_keys(x, n_own, xt, n_tiles, tile, Dp):
+    """Keys in two segments: (B, K, S, Dh) whose first n_own rows are a sequence's own keys and
+    the rest extra keys (merged attention) -> (B, K, n_tiles, tile, Dp), the own keys from
+    tile 0 and the extra keys from tile xt on, so that no tile mixes the two. Zero-padded."""
+    B, K, S, Dh = x.shape
+    out = np.zeros((B, K, n_tiles * tile, Dp), x.dtype)
+    out[:, :, :n_own, :Dh] = x[:, :, :n_own]
+    out[:, :, xt * tile:xt * tile + S - n_own, :Dh] = x[:, :, n_own:]
+    return out.reshape(B, K, n_tiles, tile, Dp)
+
+
+def untile_keys(x, n_own, xt, S, Dh):
+    """Inverts tile_keys: (B, K, n_tiles, tile, Dp) -> (B, K, S, Dh)."""
+    B, K, n, tile, Dp = x.shape
+    rows = x.reshape(B, K, n * tile, Dp)
+    if n_own == S:
+        return np.ascontiguousarray(rows[:, :, :S, :Dh])
+    return np.concatenate([rows[:, :, :n_own, :Dh], rows[:, :, xt * tile:xt * tile + S - n_own, :Dh]], axis=2)

@@ -72,23 +72,23 @@ def _numba_kernels():
     from fastpath import attention as fattn
     from fastpath import decode, lmhead, mlp, norm
 
+    # The kernels take a Mask's fields as keywords of the same names (causal, window, rule,
+    # key_mask, q_offset, extra_keys, extra_key_mask). A mask given as a (B, T, S) array
+    # is not a description the kernels can read: the reference runs it (the models
+    # themselves always pass a Mask).
     def attention_forward(q, k, v, mask, scale, cap):
-        if not isinstance(mask, attention.Mask) or mask.extra_keys or mask.rule not in ("le", "lt"):   # the reference, for now
+        if not isinstance(mask, attention.Mask):
             o, cache = attention.attention_forward_masked(q, k, v, mask, scale, cap)
             return o, ("reference", cache)
-        return fattn.attention_forward(q, k, v, scale, cap, mask.causal, mask.window, mask.rule,
-                                       mask.key_mask, mask.q_offset)
+        return fattn.attention_forward(q, k, v, scale, cap, **mask._asdict())
 
     def attention_backward(do, cache):
-        if isinstance(cache, tuple) and len(cache) == 2 and isinstance(cache[0], str):
-            return attention.attention_backward(do, cache[1])
-        return fattn.attention_backward(do, cache)
+        return fattn.attention_backward(do, cache)          # it also takes ("reference", cache)
 
     def decode_attention(q, k, v, mask, scale, cap):
-        if mask.extra_keys or mask.rule not in ("le", "lt"):
+        if not isinstance(mask, attention.Mask):
             return _decode_attention(q, k, v, mask, scale, cap)
-        return decode.decode_attention(q, k, v, scale, cap, mask.causal, mask.window, mask.rule,
-                                       mask.key_mask, mask.q_offset)
+        return decode.decode_attention(q, k, v, scale, cap, **mask._asdict())
 
     return Kernels("numba", norm.rmsnorm_forward, norm.rmsnorm_backward, mlp.mlp_forward, mlp.mlp_backward,
                    attention_forward, attention_backward, decode_attention,

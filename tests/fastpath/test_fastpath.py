@@ -3,7 +3,9 @@
 Every kernel is compared with the reference function it replaces, over Hypothesis-drawn
 shapes and mask descriptions; then invariants that hold whatever the implementation
 (masked keys get exactly zero gradient, a query that sees nothing gets 0, softcap bounds,
-softmax rows sum to one); then negative controls showing the comparison can fail.
+softmax rows sum to one); then negative controls showing the comparison can fail. RMSNorm
+(with Gemma 3's QK-norm) is in test_norm.py; T5Gemma 2's attention at the models' sizes,
+with its own negative controls, in test_gemma3_kernels.py.
 
 Compilation: a fresh checkout compiles every kernel on first use (35-45 s on this 2-core
 machine, printed by the `kernels` fixture below); afterwards they load from the on-disk
@@ -33,14 +35,12 @@ from hypothesis import strategies as st
 from helpers import assert_close
 from minencdec.model import attention as R
 from minencdec.model import stack as ST
-from minencdec.model import layers as L
 from minencdec.model import losses as LS
 
 from fastpath import attention as F
 from fastpath import decode as D
 from fastpath import lmhead as LH
 from fastpath import mathfn as M
-from fastpath import norm as N
 from fastpath.warmup import compile_all
 
 # float64: the kernels sum in another order and use exp/tanh within 2 ulp of NumPy's;
@@ -68,43 +68,56 @@ def kernels():
 @st.composite
 def attention_cases(draw, max_len=24, decode=False):
     """A random attention problem and mask description: causal (with q_offset, S = T +
-    offset or not), bidirectional (windows below and above the length, both rules), or
-    cross; GQA ratios 1, 2, 4 and K = 1; odd head dims; padded keys, sometimes a batch
-    row with every key padded; softcap on or off; small tiles so several tiles are used."""
+    offset or not), bidirectional (windows below and above the length, the three rules),
+    cross, or merged (T5Gemma 2: causal or bidirectional own keys, then E extra keys, E
+    drawn apart from T); GQA ratios 1, 2, 4 and K = 1; odd head dims; padded keys, sometimes a batch row
+    with every key padded (own and extra), sometimes every extra key padded; softcap on or
+    off; small tiles so several tiles are used. c.S counts every key, c.extra_keys the last E."""
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     B, K, G = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 4]))
     Dh = draw(st.integers(1, 12))
-    kind = draw(st.sampled_from(["causal", "bidirectional", "cross"]))
+    kind = draw(st.sampled_from(["causal", "bidirectional", "cross", "merged"]))
     T = draw(st.integers(1, 3 if decode else max_len))
+    causal = kind == "causal" or (kind == "merged" and draw(st.booleans()))
     q_offset, S = 0, T
-    if kind == "causal":
+    if causal:
         q_offset = draw(st.integers(0, 3 * max_len if decode else 8))
         S = draw(st.one_of(st.just(T + q_offset), st.integers(1, max_len + 8)))
     elif kind == "cross" or decode:
         S = draw(st.integers(1, max_len))
+    E = draw(st.integers(1, max_len + 8)) if kind == "merged" else 0   # extra keys after the S own keys
     window = None if kind == "cross" else draw(st.one_of(st.none(), st.integers(0, max_len + 4)))
     pad = draw(st.sampled_from(["none", "random", "empty_row"]))
+    pad_extra = draw(st.sampled_from(["none", "random", "all"])) if E else "none"
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    key_mask = None
+    key_mask = extra_key_mask = None
     if pad != "none":
         key_mask = rng.random((B, S)) > draw(st.floats(0.0, 0.7))
-        if pad == "empty_row":
-            key_mask[rng.integers(B)] = False                     # every query of that row sees nothing
+    if pad_extra != "none":
+        extra_key_mask = rng.random((B, E)) > (draw(st.floats(0.0, 0.7)) if pad_extra == "random" else 2.0)
+    if pad == "empty_row":                                        # every query of that row sees nothing
+        row = rng.integers(B)
+        key_mask[row] = False
+        if E:
+            extra_key_mask = np.ones((B, E), bool) if extra_key_mask is None else extra_key_mask
+            extra_key_mask[row] = False
     mag = draw(st.floats(0.1, 6.0))                               # large: saturates the softcap
     return SimpleNamespace(
-        dtype=dtype, B=B, H=K * G, K=K, T=T, S=S, Dh=Dh, causal=kind == "causal", window=window,
-        rule=draw(st.sampled_from(["le", "lt"])), key_mask=key_mask, q_offset=q_offset,
+        dtype=dtype, B=B, H=K * G, K=K, T=T, S=S + E, Dh=Dh, causal=causal, window=window,
+        rule=draw(st.sampled_from(["le", "lt", "t5gemma2"])), key_mask=key_mask, q_offset=q_offset,
+        extra_keys=E, extra_key_mask=extra_key_mask,
         cap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))), scale=draw(st.floats(0.05, 2.0)),
         block=(draw(st.sampled_from([4, 8, 12, 64])), draw(st.sampled_from([4, 8, 16, 64]))),
         q=(rng.standard_normal((B, K * G, T, Dh)) * mag).astype(dtype),
-        k=(rng.standard_normal((B, K, S, Dh)) * mag).astype(dtype),
-        v=rng.standard_normal((B, K, S, Dh)).astype(dtype),
+        k=(rng.standard_normal((B, K, S + E, Dh)) * mag).astype(dtype),
+        v=rng.standard_normal((B, K, S + E, Dh)).astype(dtype),
         do=rng.standard_normal((B, K * G, T, Dh)).astype(dtype))
 
 
 def description(c):
-    return dict(causal=c.causal, window=c.window, rule=c.rule, key_mask=c.key_mask, q_offset=c.q_offset)
+    return dict(causal=c.causal, window=c.window, rule=c.rule, key_mask=c.key_mask, q_offset=c.q_offset,
+                extra_keys=c.extra_keys, extra_key_mask=c.extra_key_mask)
 
 
 def reference_mask(c):
@@ -222,7 +235,8 @@ def _off_by_one_intervals(T, S, causal=False, window=None, rule="le", q_offset=0
 def _case(**kw):
     rng = np.random.default_rng(7)
     c = SimpleNamespace(dtype=np.float64, B=1, H=2, K=1, T=10, S=10, Dh=5, causal=True, window=3,
-                        rule="le", key_mask=None, q_offset=0, cap=50.0, scale=0.4, block=(4, 4))
+                        rule="le", key_mask=None, q_offset=0, extra_keys=0, extra_key_mask=None, cap=50.0,
+                        scale=0.4, block=(4, 4))
     c.__dict__.update(kw)
     c.q = rng.standard_normal((c.B, c.H, c.T, c.Dh))
     c.k, c.v = rng.standard_normal((2, c.B, c.K, c.S, c.Dh))
@@ -261,21 +275,32 @@ def test_negative_control_tolerance_catches_a_small_error():
 
 
 @given(st.integers(1, 12), st.integers(1, 12), st.booleans(), st.one_of(st.none(), st.integers(0, 14)),
-       st.sampled_from(["le", "lt"]), st.integers(0, 6), st.integers(0, 2**32 - 1), st.booleans())
-def test_dense_mask_against_loops(T, S, causal, window, rule, q_offset, seed, padded):
-    key_mask = (np.random.default_rng(seed).random((2, S)) > 0.3) if padded else None
-    pattern = np.zeros((T, S), dtype=bool)                        # the description, by hand
+       st.sampled_from(["le", "lt", "t5gemma2"]), st.integers(0, 6), st.integers(0, 2**32 - 1), st.booleans(),
+       st.integers(0, 5))
+def test_dense_mask_against_loops(T, S, causal, window, rule, q_offset, seed, padded, E):
+    """The description, by hand: own keys by the rules (T5Gemma 2's from transformers' two
+    half-windows, as tests/model/test_blocks.py), then E extra keys every query sees."""
+    rng = np.random.default_rng(seed)
+    key_mask = (rng.random((2, S)) > 0.3) if padded else None
+    extra_mask = (rng.random((2, E)) > 0.3) if padded and E else None
+    pattern = np.zeros((T, S), dtype=bool)
     for i in range(T):
         pos = q_offset + i
         for j in range(S):
+            d = pos - j                                           # q_idx - kv_idx
             if causal:
                 pattern[i, j] = j <= pos and (window is None or j > pos - window)
-            elif window is not None:
-                pattern[i, j] = abs(pos - j) <= window if rule == "le" else abs(pos - j) < window
-            else:
+            elif window is None:
                 pattern[i, j] = True
-    want = pattern[None] if key_mask is None else pattern[None] & key_mask[:, None, :]
-    got = F.dense_mask(T, S, causal, window, rule, key_mask, q_offset)
+            elif rule == "t5gemma2":
+                pattern[i, j] = (0 <= d < (window + 1) // 2) or (d < 0 and -d < window // 2 + 1)
+            else:
+                pattern[i, j] = abs(d) <= window if rule == "le" else abs(d) < window
+    want = pattern[None] if key_mask is None else pattern[None] & key_mask[:, None, :]   # (1 or 2, T, S)
+    if E:
+        extra = np.ones((1, T, E), bool) if extra_mask is None else np.repeat(extra_mask[:, None, :], T, axis=1)
+        want = np.concatenate([want, extra], axis=2)
+    got = F.dense_mask(T, S + E, causal, window, rule, key_mask, q_offset, E, extra_mask)
     assert got.dtype == bool and np.array_equal(got, want)
     lo, hi = F.visible_intervals(T, S, causal, window, rule, q_offset)       # the kernels' form
     j = np.arange(S)
@@ -286,28 +311,7 @@ def test_dense_mask_against_loops(T, S, causal, window, rule, q_offset, seed, pa
         assert np.array_equal(pattern, R.bidirectional_mask(T, window, rule))
 
 
-# ---------------------------------------------------------------------------- RMSNorm and the LM head
-
-
-@given(st.sampled_from([np.float64, np.float32]), st.lists(st.integers(1, 5), min_size=0, max_size=2),
-       st.integers(1, 70), st.integers(0, 2**32 - 1))
-def test_rmsnorm_matches_reference(dtype, lead, D_, seed):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((*lead, D_)) * rng.uniform(0.01, 10)).astype(dtype)
-    w = rng.normal(0, 0.5, D_).astype(dtype)                      # non-zero offsets (STYLE.md 11)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    y_ref, c_ref = L.rmsnorm_forward(x, w, 1e-6)
-    y, c = N.rmsnorm_forward(x, w, 1e-6)
-    tol = rtol(dtype)
-    assert_close("rmsnorm y", y, y_ref, tol)
-    xhat, rstd = c_ref[0].astype(np.float64), c_ref[1].astype(np.float64)
-    dxhat = np.abs(dy * (1.0 + w))                                # dx = rstd (dxhat - xhat mean(dxhat xhat)):
-    scales = (np.max(rstd * (dxhat + np.abs(xhat) * np.mean(dxhat * np.abs(xhat), -1, keepdims=True)), initial=0),
-              0.0)                                                # its size before the cancellation (D = 1: dx = 0)
-    for got, want, name, s in zip(N.rmsnorm_backward(dy, c), L.rmsnorm_backward(dy, c_ref), ("dx", "dw"), scales):
-        assert_close(name, got, want, tol * 10, atol=tol * s)     # dw sums N rows in another order
-    for got, want, s in zip(N.rmsnorm_backward(dy, c_ref), L.rmsnorm_backward(dy, c), scales):   # caches interchange
-        assert_close("cross cache", got, want, tol * 10, atol=tol * s)
+# ---------------------------------------------------------------------------- the LM head
 
 
 def _reference_head_loss(h, table, targets, cap):
@@ -420,8 +424,20 @@ o, c = F.attention_forward(q, k, v, 0.5, 5.0, causal=True, window=3, q_offset=2,
 for a, b in zip((o,) + F.attention_backward(o, c), (o_ref,) + R.attention_backward(o_ref, c_ref)):
     assert np.allclose(a, b, rtol=1e-12, atol=1e-12)
 assert np.allclose(D.decode_attention(q, k, v, 0.5, 5.0, causal=True, window=3, q_offset=2), o_ref)
+merged = dict(causal=True, window=2, extra_keys=2, extra_key_mask=np.array([[1, 0]]))   # 3 own keys, 2 extra
+m = F.dense_mask(3, 5, **merged)
+o_ref, c_ref = R.attention_forward(q, k, v, m, 0.5, 5.0)
+o, c = F.attention_forward(q, k, v, 0.5, 5.0, **merged, block=(4, 4))
+for a, b in zip((o,) + F.attention_backward(o, c), (o_ref,) + R.attention_backward(o_ref, c_ref)):
+    assert np.allclose(a, b, rtol=1e-12, atol=1e-12)
+assert np.allclose(D.decode_attention(q, k, v, 0.5, 5.0, **merged), o_ref)
+m = F.dense_mask(3, 5, False, 2, "t5gemma2")
+assert np.allclose(F.attention_forward(q, k, v, 0.5, None, window=2, rule="t5gemma2")[0],
+                   R.attention_forward(q, k, v, m, 0.5, None)[0])
 x, w = rng.standard_normal((3, 6)), rng.normal(0, 0.5, 6)
 assert np.allclose(N.rmsnorm_forward(x, w, 1e-6)[0], L.rmsnorm_forward(x, w, 1e-6)[0])
+heads = rng.standard_normal((2, 3, 2, 6)).transpose(0, 2, 1, 3)          # as attention._split_heads makes them
+assert np.allclose(N.rmsnorm_forward(heads, w, 1e-6)[0], L.rmsnorm_forward(heads, w, 1e-6)[0])
 LH.lm_head_cross_entropy(x, rng.standard_normal((7, 6)), np.array([1, 2, -100]), 30.0)
 import numba; assert numba.config.DISABLE_JIT
 print("ok")

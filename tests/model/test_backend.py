@@ -3,8 +3,10 @@
 The oracle is the NumPy reference itself (backend="numpy"), which tests/model/test_models.py ties to
 transformers and to finite differences. Here every entry point runs twice on the same weights
 and inputs: logits, the training loss and every parameter's gradient, the classifier, greedy
-generation with its KV cache (decode-step kernel) and the T5Gemma encoder. Lengths past the
-kernels' 64-wide tiles are included so the tiling is exercised inside a model, not only in
+generation with its KV cache (decode-step kernel) and the T5Gemma encoder; then Gemma 3 and
+T5Gemma 2 (QK-norm, the "t5gemma2" encoder window, merged attention), which must also run on
+the kernels rather than fall back to the reference. Lengths past the kernels' 64-wide tiles
+are included so the tiling is exercised inside a model, not only in
 tests/fastpath/test_fastpath.py. Negative controls swap one fast kernel for a slightly wrong one.
 """
 
@@ -18,9 +20,9 @@ import pytest
 
 import cases
 from helpers import RTOL_F32, RTOL_F64, assert_close
-from minencdec.model import backend, gemma2, generate, t5gemma
+from minencdec.model import attention, backend, gemma2, generate, t5gemma
 from minencdec.model.classify import Classifier
-from minencdec.model.config import T5GemmaConfig
+from minencdec.model.config import FULL, SLIDING, T5GemmaConfig, gemma3_config
 
 CASES = list(cases.GEMMA2_CASES) + list(cases.T5GEMMA_CASES)
 
@@ -140,6 +142,107 @@ def test_encoder_output_equal():
                  ref.encode(inputs["input_ids"], inputs["attention_mask"]), RTOL_F64)
 
 
+# --------------------------------------------------------------------------- Gemma 3 and T5Gemma 2
+
+
+def _g3(**kw):
+    return gemma3_config(**{"vocab_size": 64, "max_position_embeddings": 256, **kw})
+
+
+EOI = 5                                          # T5Gemma 2's eoi token in these cases (a real id, < vocab)
+# Windows below and above the 64-wide tiles, both below T = 150 and S = 131 (long inputs) and
+# above the short ones; the encoders use the "t5gemma2" rule (odd and even windows).
+GEMMA3_CASES = {
+    # Gemma 3 decoder-only: GQA 4/2, head_dim 8 != D/H, qpas 12, sliding/full/sliding, window 70.
+    "gemma3": _g3(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=70,
+                  layer_types=(SLIDING, FULL, SLIDING)),
+    # T5Gemma 2: encoder window 8 (even: one more key to the right); a deeper MQA decoder, window 5,
+    # with softcaps that bite (merged attention is capped over own and encoder keys alike).
+    "t5gemma2": T5GemmaConfig(
+        _g3(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, query_pre_attn_scalar=8, sliding_window=8, layer_types=(SLIDING, FULL)),
+        _g3(hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=6, query_pre_attn_scalar=6, sliding_window=5, layer_types=(SLIDING, SLIDING, FULL),
+            attn_logit_softcapping=3.0, final_logit_softcapping=10.0),
+        eoi_token_index=EOI),
+    # T5Gemma 2 with windows past a tile: encoder 65 (odd), decoder 70; GQA 4/2 on both sides.
+    "t5gemma2_wide": T5GemmaConfig(
+        _g3(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, sliding_window=65, layer_types=(SLIDING, SLIDING)),
+        _g3(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, sliding_window=70, layer_types=(SLIDING, FULL)),
+        eoi_token_index=EOI),
+}
+
+
+def gemma3_pair(case, dtype):
+    """The reference and the fast model on the same random weights; every norm weight (the
+    QK-norms included) and eoi_embedding random, non-zero (cases.random_params)."""
+    config = GEMMA3_CASES[case]
+    family = t5gemma if isinstance(config, T5GemmaConfig) else gemma2
+    cls = t5gemma.T5GemmaModel if family is t5gemma else gemma2.Gemma2Model
+    params = cases.random_params(family.param_shapes(config), cases.case_seed(case))
+    return cls(config, params, dtype, "numpy"), cls(config, params, dtype, "numba")
+
+
+def gemma3_inputs(case, long):
+    """cases.random_inputs (rows padded on the right, on the left, not at all); T5Gemma 2's
+    encoder inputs hold the eoi token at two real positions of each row."""
+    config = GEMMA3_CASES[case]
+    inputs = cases.random_inputs(config, cases.case_seed(case) + 1, **(dict(B=2, T=150, S=131) if long else {}))
+    if isinstance(config, T5GemmaConfig):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for row in range(len(ids)):
+            real = np.flatnonzero(mask[row])
+            ids[row, real[[1, -2]]] = EOI
+    return inputs
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+@pytest.mark.parametrize("case", list(GEMMA3_CASES))
+def test_gemma3_family_fast_equals_reference_float64(case, long):
+    ref, fast = gemma3_pair(case, "float64")
+    check_same(fast, ref, gemma3_inputs(case, long), RTOL_F64)
+
+
+@pytest.mark.parametrize("case", list(GEMMA3_CASES))
+def test_gemma3_family_fast_equals_reference_float32(case):
+    ref, fast = gemma3_pair(case, "float32")
+    check_same(fast, ref, gemma3_inputs(case, True), RTOL_F32)
+
+
+def _forbid_reference(monkeypatch):
+    """Make the reference's attention and RMSNorm raise if the numba backend falls back to them."""
+    import fastpath.norm
+
+    def refuse(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"the numba backend fell back to the reference's {name}")
+        return fail
+    monkeypatch.setattr(attention, "attention_forward_masked", refuse("attention"))
+    monkeypatch.setattr(attention, "attention_backward", refuse("attention backward"))
+    for name in ("rmsnorm_forward", "rmsnorm_backward"):
+        monkeypatch.setattr(fastpath.norm.reference, name, refuse(name))
+
+
+@pytest.mark.parametrize("case", ["gemma3", "t5gemma2"])
+def test_gemma3_family_runs_on_the_kernels(case, monkeypatch):
+    """Merged attention, the "t5gemma2" window and the QK-norm run in the fast kernels (in
+    float32 and float64): the reference's attention and RMSNorm are never called. The spy
+    does see the numba backend's fallbacks: a mask given as an array, a float16 norm."""
+    models = {dtype: gemma3_pair(case, dtype)[1] for dtype in ("float32", "float64")}
+    inputs = gemma3_inputs(case, True)
+    _forbid_reference(monkeypatch)
+    for fast in models.values():
+        run(fast, inputs)
+    kern, x = backend.kernels("numba"), np.ones((1, 2, 3, 4))
+    with pytest.raises(AssertionError, match="fell back to the reference's attention"):
+        kern.attention_forward(x, x, x, np.ones((1, 3, 3), bool), 0.5, None)
+    with pytest.raises(AssertionError, match="fell back to the reference's rmsnorm_forward"):
+        kern.rmsnorm_forward(x.astype(np.float16), np.zeros(4, np.float16), 1e-6)
+
+
 # --------------------------------------------------------------------------- negative controls
 
 
@@ -196,10 +299,12 @@ def test_fast_path_runs_with_jit_disabled():
     """NUMBA_DISABLE_JIT=1 runs the kernels as plain Python (steppable in a debugger): still
     the reference's numbers."""
     code = ("import cases, numpy as np\n"
-            "from test_backend import model_pair, inputs_for, check_same\n"
+            "from test_backend import model_pair, inputs_for, check_same, gemma3_pair, gemma3_inputs\n"
             "from helpers import RTOL_F64\n"
             "ref, fast = model_pair('mqa_caps', 'float64')\n"
             "check_same(fast, ref, inputs_for('mqa_caps', False), RTOL_F64)\n"
+            "ref, fast = gemma3_pair('t5gemma2', 'float64')\n"
+            "check_same(fast, ref, gemma3_inputs('t5gemma2', False), RTOL_F64)\n"
             "import numba; assert numba.config.DISABLE_JIT\n"
             "print('jit-free fast path OK')\n")
     here = os.path.dirname(os.path.abspath(__file__))

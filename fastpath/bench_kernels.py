@@ -25,7 +25,7 @@ from . import norm as fast_norm
 from .measure import _mib, _torch, best_time, peak_rss_growth, torch_best_time, traced_peak
 
 def _torch_attention(torch):
-    """transformers' Gemma 2 eager attention (the numerical reference of REFERENCE.md), or the
+    """transformers' Gemma 2 eager attention (the numerical reference), or the
     same math in torch when transformers is not installed."""
     try:
         from types import SimpleNamespace

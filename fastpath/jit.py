@@ -2,7 +2,7 @@
 
 FASTMATH lets LLVM vectorise reductions (reassoc), fuse multiply-adds (contract), and
 drop signed-zero and exact-reciprocal rules. It never contains `nnan` or `ninf`: the
-kernels rely on -inf as the "masked" score and on comparisons with it (STYLE.md 15).
+kernels rely on -inf as the "masked" score and on comparisons with it.
 
 The elementary functions in `mathfn.py` are compiled with FASTMATH minus `reassoc`:
 their range reduction subtracts n*ln2 in two parts (Cody-Waite), and reassociation

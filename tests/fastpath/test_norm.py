@@ -45,7 +45,7 @@ def test_rmsnorm_matches_reference(dtype, lead, D_, seed, split):
 def _check_rmsnorm(dtype, lead, D_, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((*lead, D_)) * rng.uniform(0.01, 10)).astype(dtype)
-    w = rng.normal(0, 0.5, D_).astype(dtype)                      # non-zero offsets (STYLE.md 11)
+    w = rng.normal(0, 0.5, D_).astype(dtype)                      # non-zero offsets: zeros would hide a missing "1 +"
     y_ref, c_ref = L.rmsnorm_forward(x, w, 1e-6)
     y, c = N.rmsnorm_forward(x, w, 1e-6)
     assert_close("rmsnorm y", y, y_ref, rtol(dtype))

@@ -74,12 +74,14 @@ def causal_pairs(first: int, n: int, window=None) -> int:
 
 
 def bidirectional_pairs(n: int, window=None, rule="le") -> int:
-    """Visible pairs of a bidirectional stack of n tokens: |i - j| <= w (rule "le") or < w."""
+    """Visible pairs of a bidirectional stack of n tokens: |i - j| <= w (rule "le"), < w
+    ("lt"), or -((w - 1) // 2) <= j - i <= w // 2 ("t5gemma2")."""
     if window is None:
         return n * n
-    reach = window if rule == "le" else window - 1
+    left, right = {"le": (window, window), "lt": (window - 1, window - 1),
+                   "t5gemma2": ((window - 1) // 2, window // 2)}[rule]
     i = np.arange(n, dtype=np.int64)
-    return int((np.minimum(i + reach, n - 1) - np.maximum(i - reach, 0) + 1).sum())
+    return int((np.minimum(i + right, n - 1) - np.maximum(i - left, 0) + 1).sum())
 
 
 def _stack_pass(c, n, pairs_of_layer) -> int:
@@ -101,7 +103,9 @@ def encoder_decoder_flops(cfg: T5GemmaConfig, n_in: int, n_out: int, attention="
     """A T5Gemma model: the encoder once over n_in tokens and each decoder layer's
     cross-attention k/v projection of its output; then n_out decoder steps (bos and the first
     n_out - 1 new tokens), each with self-attention over the steps so far and cross-attention
-    over all n_in source tokens (never windowed), and n_out LM-head evaluations."""
+    over all n_in source tokens (never windowed), and n_out LM-head evaluations. A T5Gemma 2
+    counts the same pairs (its merged attention sees its own keys and the encoder's), but has
+    no separate cross-attention q and o: its one q serves both."""
     _check(attention, n_in, n_out)
     enc, dec = cfg.encoder, cfg.decoder
     dense = attention == "dense"
@@ -109,10 +113,23 @@ def encoder_decoder_flops(cfg: T5GemmaConfig, n_in: int, n_out: int, attention="
                           bidirectional_pairs(n_in, enc.window(i), enc.bidirectional_window))
     kv = dec.num_key_value_heads * dec.head_dim
     cross_kv = dec.num_hidden_layers * n_in * 2 * (2 * enc.hidden_size * kv)
-    steps = n_out * linear_flops(dec, cross_width=enc.hidden_size) + sum(
+    steps = n_out * linear_flops(dec, cross_width=None if cfg.merged_attention else enc.hidden_size) + sum(
         attention_flops(dec, causal_pairs(0, n_out, dec.window(i)) + n_out * n_in)
         for i in range(dec.num_hidden_layers))
     return Flops(encoder + cross_kv, steps + n_out * 2 * dec.hidden_size * dec.vocab_size)
+
+
+def classifier_flops(config, n_in: int, attention="useful") -> int:
+    """One classification of n_in tokens: a decoder-only model's one causal pass, or an
+    encoder-decoder's encoder alone (the head reads the encoder; the decoder never runs).
+    The head itself (2 D C) is negligible and left out."""
+    _check(attention, n_in, 1)
+    dense = attention == "dense"
+    if isinstance(config, T5GemmaConfig):
+        enc = config.encoder
+        return _stack_pass(enc, n_in, lambda i: n_in * n_in if dense else
+                           bidirectional_pairs(n_in, enc.window(i), enc.bidirectional_window))
+    return _stack_pass(config, n_in, lambda i: n_in * n_in if dense else causal_pairs(0, n_in, config.window(i)))
 
 
 def flops(config, n_in, n_out, attention="useful") -> Flops:

@@ -15,6 +15,7 @@ does the tensor-level checks); a failure leaves no half-loaded model and no half
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -26,7 +27,7 @@ from minencdec.model import gemma2, t5gemma
 from minencdec.model.adapt import adapt_params, adapted_config, map_name, resolve_cross_attn
 from minencdec.model.backend import check_backend
 from minencdec.model.classify import T5GEMMA2_ENCODER_CLASSIFIER, Classifier
-from minencdec.model.config import GemmaConfig, T5GemmaConfig
+from minencdec.model.config import WINDOW_RULES, GemmaConfig, T5GemmaConfig
 from minencdec.model.stack import GEMMA2, T5_ENCODER, stack_param_shapes
 from minencdec.model.validate import resolve_dtype
 
@@ -69,9 +70,12 @@ def _kind_and_family(config: dict) -> tuple[str, str]:
                           "Gemma 2, Gemma 3 (text), T5Gemma, T5Gemma 2")
 
 
-def read_model_config(path, raw=None):
+def read_model_config(path, raw=None, bidirectional_window=None):
     """(kind, GemmaConfig or T5GemmaConfig) of a checkpoint directory (`raw`: its
-    config.json already read)."""
+    config.json already read). `bidirectional_window` ("le", "lt", "t5gemma2"; None: as
+    stored, else the family's) overrides the encoder's window rule (GemmaConfig)."""
+    if bidirectional_window is not None and bidirectional_window not in WINDOW_RULES:
+        raise ValueError(f"bidirectional_window must be one of {WINDOW_RULES}, got {bidirectional_window!r}")
     raw = read_config(path) if raw is None else raw
     kind, family = _kind_and_family(raw)
     source = os.path.join(str(path), "config.json")
@@ -83,20 +87,27 @@ def read_model_config(path, raw=None):
                                              source)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return kind, cfg
+    if bidirectional_window is None:
+        return kind, cfg
+    if kind == "gemma2":
+        raise ValueError(f"{path} holds a decoder-only model, which has no bidirectional attention: "
+                         "bidirectional_window is the window rule of an encoder-decoder's encoder")
+    return kind, dataclasses.replace(cfg, encoder=cfg.encoder.replace(bidirectional_window=bidirectional_window))
 
 
-def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="numpy"):
+def load_pretrained(path, dtype="float32", expect=None, progress=None, backend="numpy", bidirectional_window=None):
     """Load a Gemma2ForCausalLM / Gemma3ForCausalLM or a T5GemmaForConditionalGeneration /
     T5Gemma2ForConditionalGeneration directory (or one of their classifiers).
 
     `expect` ("gemma2": decoder-only / "t5gemma": encoder-decoder) turns a checkpoint of the
     other kind into a clear error. Weights are converted tensor by tensor, so memory holds
     one copy (plus one tensor). backend: "numpy" (the reference) or "numba" (the fast
-    path), see backend.py."""
+    path), see backend.py. `bidirectional_window`: the encoder's window rule ("le": |i - j|
+    <= w as transformers 5.x, "lt": < w as the JAX code, "t5gemma2"), overriding the one
+    config.json stores (model/config.py WINDOW_FIELD); None keeps that."""
     dtype, backend = resolve_dtype(dtype), check_backend(backend)
     raw = read_config(path)
-    kind, cfg = read_model_config(path, raw)
+    kind, cfg = read_model_config(path, raw, bidirectional_window)
     if expect is not None:
         _check_kind(path, kind, expect)
     if is_classifier(raw) or raw.get("model_type") == T5GEMMA2_ENCODER_CLASSIFIER:

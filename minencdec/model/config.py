@@ -28,6 +28,10 @@ from dataclasses import dataclass
 SLIDING, FULL = "sliding_attention", "full_attention"
 FAMILIES = ("gemma2", "gemma3")
 WINDOW_RULES = ("le", "lt", "t5gemma2")
+# The encoder's window rule in an encoder-decoder's config.json, written only when it is not
+# the family's own (transformers ignores the field and applies "le" to T5Gemma, "t5gemma2" to
+# T5Gemma 2: a checkpoint without it means what transformers does).
+WINDOW_FIELD = "minencdec_bidirectional_window"
 # The smallest SigLIP vision tower transformers builds for a T5Gemma 2 (see T5GemmaConfig.to_hf_dict).
 TINY_VISION = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
                "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
@@ -78,6 +82,7 @@ class GemmaConfig:
     #   "lt":  |i - j| <  w          T5Gemma in transformers 4.53-4.57 and the JAX code
     #   "t5gemma2":  -((w - 1) // 2) <= j - i <= w // 2    T5Gemma 2 (w keys in all)
     # None: the family's rule ("le" for Gemma 2 stacks, "t5gemma2" for Gemma 3 stacks).
+    # An encoder-decoder's config.json stores another rule as WINDOW_FIELD.
     bidirectional_window: str | None = None
 
     def __post_init__(self):
@@ -88,7 +93,7 @@ class GemmaConfig:
             object.__setattr__(self, "layer_types", default_layer_types(self.family, self.num_hidden_layers))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.bidirectional_window is None:
-            object.__setattr__(self, "bidirectional_window", "t5gemma2" if self.family == "gemma3" else "le")
+            object.__setattr__(self, "bidirectional_window", _default_rule(self.family))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
@@ -235,6 +240,11 @@ def _rope_fields(d: dict, source: str, family: str) -> dict:
         out["rope_theta"] = params["rope_theta"]
     return out
 
+def _default_rule(family: str) -> str:
+    """The encoder window rule a family's stacks get when the config names none."""
+    return "t5gemma2" if family == "gemma3" else "le"
+
+
 def default_layer_types(family: str, n: int) -> tuple[str, ...]:
     """Gemma 2: sliding on even layers, full on odd. Gemma 3: every sixth layer full."""
     if family == "gemma3":
@@ -317,6 +327,8 @@ class T5GemmaConfig:
         top = {"is_encoder_decoder": True, "tie_word_embeddings": True, "vocab_size": dec.vocab_size,
                "pad_token_id": dec.pad_token_id, "eos_token_id": dec.eos_token_id, "bos_token_id": dec.bos_token_id,
                "dropout_rate": 0.0, "attention_dropout": 0.0, "classifier_dropout_rate": 0.0}
+        if enc.bidirectional_window != _default_rule(enc.family):
+            top[WINDOW_FIELD] = enc.bidirectional_window     # minencdec's own; transformers ignores it
         if self.family == "t5gemma":
             return {"model_type": "t5gemma", "architectures": ["T5GemmaForConditionalGeneration"],
                     "encoder": enc.to_hf_dict("t5_gemma_module"), "decoder": dec.to_hf_dict("t5_gemma_module"), **top}
@@ -340,15 +352,19 @@ class T5GemmaConfig:
         if d.get("tie_word_embeddings") is False:
             raise ValueError(f"{source}: tie_word_embeddings=false (an LM head of its own) is not supported: "
                              "the head is tied to the (decoder's) embedding")
+        rule = d.get(WINDOW_FIELD)
+        if rule is not None and rule not in WINDOW_RULES:
+            raise ValueError(f"{source}: {WINDOW_FIELD} must be one of {WINDOW_RULES}, got {rule!r}")
         if d.get("model_type") != "t5gemma2":
-            return cls(GemmaConfig.from_hf_dict(d["encoder"], f"{source} [encoder]"),
+            return cls(GemmaConfig.from_hf_dict(d["encoder"], f"{source} [encoder]").replace(bidirectional_window=rule),
                        GemmaConfig.from_hf_dict(d["decoder"], f"{source} [decoder]"))
         text = d["encoder"].get("text_config")
         if not isinstance(text, dict):
             raise ValueError(f"{source}: a T5Gemma 2 encoder config needs a 'text_config' object")
         eoi = d.get("eoi_token_index", d["encoder"].get("eoi_token_index"))
         try:
-            return cls(GemmaConfig.from_hf_dict(text, f"{source} [encoder.text_config]", "gemma3"),
+            return cls(GemmaConfig.from_hf_dict(text, f"{source} [encoder.text_config]", "gemma3")
+                       .replace(bidirectional_window=rule),
                        GemmaConfig.from_hf_dict(d["decoder"], f"{source} [decoder]", "gemma3"),
                        eoi_token_index=256_000 if eoi is None else eoi)
         except ValueError as e:

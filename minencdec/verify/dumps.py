@@ -33,10 +33,37 @@ the reader's benefit, `dtype` ("float64"/"float32"), `producer` ("minencdec", "t
   norm             after the stack's final RMSNorm                        (B, L, D)
   logits           after the final softcap (decoder positions)            (B, T, V)
 
+  <attention>.q, .k, .scores, .probs   optional, for chosen attention sublayers (`dump
+                   --internals encoder.layers.0`): q, k after RoPE, scores after the
+                   softcap, probabilities; shapes and rules in internals.py
+
 Activations are float64 or float32 (the precision the producer computed in). Outputs at
 padding positions are implementation-defined (a left-padded causal query sees no key), so
 only positions whose mask is 1 are compared: `encoder.*` under attention_mask,
-`decoder.*` and T5Gemma's logits under decoder_attention_mask.
+`decoder.*` and T5Gemma's logits under decoder_attention_mask. Optional metadata
+`bidirectional_window` ("le", "lt", "t5gemma2") names the encoder's window rule the
+producer applied; `compare --model DIR --against FILE` says when it is not the model's.
+
+Writing a dump from another implementation: `minencdec.verify.write_dump(path, tensors,
+metadata)` with numpy arrays under the names above (the inputs as int64, masks 1 = token)
+and metadata holding at least `kind`. From JAX/Flax, `capture_intermediates` returns every
+module's output, and `sow` records a value inside a module (here q after RoPE):
+
+    out, state = model.apply({"params": params}, decoder_ids, encoder_ids,   # gemma's T5Gemma:
+                             capture_intermediates=True, mutable=["intermediates"])   # decoder first
+    enc = state["intermediates"]["encoder"]
+    acts = {"encoder.embed": ...,          # capture_intermediates=lambda m, name: True also keeps
+                                           # Embedder.encode, a method other than __call__
+            "encoder.layers.0.self_attn": enc["layer_0"]["post_attention_norm"]["__call__"][0],
+            "encoder.layers.0.mlp": enc["layer_0"]["post_ffw_norm"]["__call__"][0],
+            "encoder.layers.0": enc["layer_0"]["__call__"][0][2],     # a Block returns (cache, cache, x)
+            "encoder.norm": enc["final_norm"]["__call__"][0], ..., "logits": out.logits}
+    # inside Attention:  self.sow("intermediates", "q", q)   ->  enc["layer_0"]["attn"]["q"][0]
+    #                    (B, T, N, H) in Flax: transpose(0, 2, 1, 3) to this format's (B, H, T, Dh)
+    write_dump("theirs.safetensors", {**inputs, **{k: np.asarray(v) for k, v in acts.items()}},
+               {"kind": "t5gemma", "dtype": "float64", "producer": "gemma 3.3.0"})
+
+tests/verify/jax_golden/make_jax_golden.py does this in full for gemma's T5Gemma.
 
 Axes: B batch, S encoder (or Gemma 2) length, T decoder length, D width, V vocab.
 """
@@ -56,6 +83,8 @@ from minencdec.files.checkpoint import read_config
 from minencdec.io.pretrained import is_classifier, read_model_config
 from minencdec.model.t5gemma import T5GemmaModel
 from minencdec.model.validate import check_ids, check_mask, resolve_dtype
+
+from .internals import attention_internals, select_sublayers
 
 FORMAT, FORMAT_VERSION = "minencdec-activations", "1"
 _MAX_HEADER = 100_000_000          # the safetensors library's own limit on the header length
@@ -94,17 +123,21 @@ def model_inputs(kind, config, input_ids, attention_mask=None, decoder_input_ids
 
 
 def dump_minencdec(model, input_ids, attention_mask=None, decoder_input_ids=None,
-                   decoder_attention_mask=None) -> dict[str, np.ndarray]:
-    """Every activation of a Gemma2Model / T5GemmaModel, plus the inputs (the dump format)."""
+                   decoder_attention_mask=None, internals=()) -> dict[str, np.ndarray]:
+    """Every activation of a Gemma2Model / T5GemmaModel, plus the inputs (the dump format).
+    `internals`: attention sublayers or layers ("encoder.layers.0", "all") whose q, k,
+    scores and probs are dumped too (internals.py)."""
     kind = "t5gemma" if isinstance(model, T5GemmaModel) else "gemma2"
     x = model_inputs(kind, model.config, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+    chosen = select_sublayers(model, internals)               # a bad name fails before the work
     record = {}
     if kind == "gemma2":
         model.logits(x["input_ids"], x["attention_mask"], record=record)
     else:
         model.logits(x["input_ids"], x["decoder_input_ids"], x["attention_mask"],
                      x["decoder_attention_mask"], record=record)
-    return {**x, **record}
+    acts = {**x, **record}
+    return {**acts, **attention_internals(model, acts, chosen)}
 
 
 _LAYER = r"((?:en|de)coder\.)?layers\.\d+"
@@ -113,13 +146,14 @@ _HF_POST_NORMS = {"post_attention_layernorm": "self_attn", "post_self_attn_layer
                   "post_cross_attn_layernorm": "cross_attn", "post_feedforward_layernorm": "mlp"}
 
 
-def _lm_config(path):
-    """(kind, config) of a language-model checkpoint directory; classifiers are refused."""
+def _lm_config(path, bidirectional_window=None):
+    """(kind, config) of a language-model checkpoint directory; classifiers are refused.
+    bidirectional_window: see load_pretrained."""
     raw = read_config(path)
     if is_classifier(raw):
         raise ValueError(f"{path} is a classifier; dumps need a language model checkpoint (Gemma2ForCausalLM, "
                          "Gemma3ForCausalLM, T5GemmaForConditionalGeneration or T5Gemma2ForConditionalGeneration)")
-    return read_model_config(path, raw)
+    return read_model_config(path, raw, bidirectional_window)
 
 
 def _hf_record_name(module_name):
@@ -220,9 +254,13 @@ def _format_tag(path):
 
 
 def write_dump(path, acts: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write a dump atomically (a temporary file beside `path`, flushed to disk, then renamed
-    over it). `metadata` needs `kind`; `format` and `format_version` are set here. A file at
-    `path` that is not a dump is refused (check_dump_target), never replaced."""
+    """Write a dump (public API: how another implementation writes its activations, see the
+    module docstring). `acts`: name -> numpy array, names and shapes of the format (inputs
+    as integers; they are stored as int64); `metadata`: strings, `kind` ("gemma2" or
+    "t5gemma") required, `dtype`, `producer`, `model`, `bidirectional_window` for the
+    reader; `format` and `format_version` are set here. Written atomically (a temporary file
+    beside `path`, flushed to disk, then renamed over it). A file at `path` that is not a
+    dump is refused (check_dump_target), never replaced."""
     from safetensors.numpy import save_file
     meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT, "format_version": FORMAT_VERSION}
     if meta.get("kind") not in ("gemma2", "t5gemma"):

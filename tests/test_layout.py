@@ -4,6 +4,7 @@
     model               the math; reaches fastpath only through model/backend.py
     io                  checkpoints in and out, tokenizer, progress bar
     training, verify    side by side: neither imports the other
+    experiments         the paper's comparisons at laptop scale: tasks, metrics, the report
     cli       (top)     every command; nothing imports it
 
 A file may import its own room and the rooms below it. `fastpath` (beside the package)
@@ -21,7 +22,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"files": 0, "model": 1, "io": 2, "training": 3, "verify": 3, "cli": 4}
+RANK = {"files": 0, "model": 1, "io": 2, "training": 3, "verify": 3, "experiments": 4, "cli": 5}
 FASTPATH_DOOR = "minencdec.model.backend"       # the one module of minencdec that imports fastpath
 
 

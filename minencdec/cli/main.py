@@ -20,7 +20,7 @@ from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import PRESETS, num_parameters
 from minencdec.training.train import NonFiniteLoss
 
-from . import demo, efficiency, finetune, generate, train, verify
+from . import demo, efficiency, finetune, flax, generate, train, verify
 from .options import non_negative_int
 
 
@@ -93,6 +93,7 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --out")
     s.set_defaults(func=cmd_adapt)
     verify.add_commands(sub)                              # dump, compare
+    flax.add_commands(sub)                                # import-flax
     generate.add_commands(sub)                            # generate
     efficiency.add_command(sub)                           # efficiency
     train.add_commands(sub)                               # pretrain, train

@@ -240,6 +240,7 @@ def _rope_fields(d: dict, source: str, family: str) -> dict:
         out["rope_theta"] = params["rope_theta"]
     return out
 
+
 def _default_rule(family: str) -> str:
     """The encoder window rule a family's stacks get when the config names none."""
     return "t5gemma2" if family == "gemma3" else "le"

@@ -10,6 +10,8 @@ import numpy as np
 
 from minencdec.files.checkpoint import read_config
 from minencdec.io.pretrained import is_classifier, load_pretrained
+from minencdec.io.tokenizer import TOKENIZER_FILE
+from minencdec.io.vocab import MAP_FILE, load_tokenizer
 from minencdec.model.backend import prepare
 from minencdec.model.generate import decoder_config, generate
 from minencdec.model.t5gemma import T5GemmaModel
@@ -19,25 +21,24 @@ from .options import add_backend_argument, non_negative_int, positive_float, pos
 
 def cmd_generate(args):
     """Stream each prompt's continuation to stdout, as text when the checkpoint directory has a
-    tokenizer.model, else as ids. Text prompts get bos in front, as Gemma's tokenizer does;
-    --prompt-ids are used as given. One prompt at a time (batch 1)."""
+    tokenizer (tokenizer.model, or a trimmed vocabulary's map: io/vocab.py), else as ids.
+    Text prompts get bos in front, as Gemma's tokenizer does; --prompt-ids are used as given.
+    One prompt at a time (batch 1)."""
     if args.prompt_ids is None and args.prompt is None and args.input_file is None:
         raise ValueError("give --prompt, --input-file or --prompt-ids")
     if is_classifier(read_config(args.model)):
         raise ValueError(f"{args.model} is a classifier checkpoint: it has no language-model head to generate "
-                         "with (give a Gemma2ForCausalLM or T5GemmaForConditionalGeneration)")
+                         "with (give a Gemma2ForCausalLM, Gemma3ForCausalLM, T5GemmaForConditionalGeneration "
+                         "or T5Gemma2ForConditionalGeneration)")
     prepare(args.backend)
     model = load_pretrained(args.model, args.dtype, backend=args.backend)
     c = decoder_config(model)
     is_t5 = isinstance(model, T5GemmaModel)
-    spm = os.path.join(args.model, "tokenizer.model")
-    if not os.path.isfile(spm) and args.prompt_ids is None:
+    has_tokenizer = any(os.path.isfile(os.path.join(args.model, name)) for name in (TOKENIZER_FILE, MAP_FILE))
+    if not has_tokenizer and args.prompt_ids is None:
         raise ValueError(f"{args.model} has no tokenizer.model; give token ids instead, "
                          f"e.g. --prompt-ids \"{c.bos_token_id} 17 9\" (the output is then printed as ids)")
-    sp = None
-    if os.path.isfile(spm):
-        import sentencepiece
-        sp = sentencepiece.SentencePieceProcessor(model_file=spm)
+    sp = load_tokenizer(args.model) if has_tokenizer else None
     if args.prompt_ids is not None:
         prompts = [prompt_ids(args.prompt_ids, (model.config.encoder if is_t5 else c).vocab_size)]
     else:
@@ -46,7 +47,7 @@ def cmd_generate(args):
                 texts = [line.rstrip("\n") for line in f if line.strip()]
         else:
             texts = [args.prompt]
-        prompts = [[c.bos_token_id] + sp.encode(t) for t in texts]
+        prompts = [sp.encode(t, add_bos=True) for t in texts]
     for prompt in prompts:                 # every prompt checked before the first is generated
         check_room(args.max_new_tokens, c.max_position_embeddings, 1 if is_t5 else len(prompt))
     for prompt in prompts:
@@ -58,7 +59,7 @@ def cmd_generate(args):
                 return
             shown.append(int(tokens[0]))
             text = " ".join(map(str, shown)) if sp is None else \
-                sp.decode([i for i in shown if i < sp.get_piece_size()])   # ids past the tokenizer: dropped
+                sp.decode([i for i in shown if i < sp.vocab_size])         # ids past the tokenizer: dropped
             sys.stdout.write(text[len(out):] if text.startswith(out) else "\n" + text)
             sys.stdout.flush()
             out = text

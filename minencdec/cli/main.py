@@ -20,7 +20,7 @@ from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import PRESETS, num_parameters
 from minencdec.training.train import NonFiniteLoss
 
-from . import demo, efficiency, finetune, flax, generate, train, verify
+from . import demo, efficiency, finetune, flax, generate, train, verify, weights
 from .options import non_negative_int
 
 
@@ -94,6 +94,7 @@ def build_parser():
     s.set_defaults(func=cmd_adapt)
     verify.add_commands(sub)                              # dump, compare
     flax.add_commands(sub)                                # import-flax
+    weights.add_commands(sub)                             # fetch, import-gguf, trim-vocab
     generate.add_commands(sub)                            # generate
     efficiency.add_command(sub)                           # efficiency
     train.add_commands(sub)                               # pretrain, train

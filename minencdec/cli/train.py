@@ -25,6 +25,7 @@ from pathlib import Path
 from minencdec.files.checkpoint import read_config
 from minencdec.io import tokenizer as tk
 from minencdec.io.pretrained import is_classifier, load_pretrained
+from minencdec.io.vocab import MAP_FILE, load_tokenizer
 from minencdec.model import backend
 from minencdec.model.presets import preset
 from minencdec.model.gemma2 import Gemma2Model
@@ -61,9 +62,15 @@ def get_tokenizer(run_dir, texts, args):
 
 
 def model_tokenizer(model_dir, given):
-    """The tokenizer of a model directory; --tokenizer only where the directory has none, or
-    the same one: another tokenizer of a fitting size would silently change what every id means."""
+    """The tokenizer of a model directory (a trimmed vocabulary's map included, io/vocab.py);
+    --tokenizer only where the directory has none, or the same one: another tokenizer of a
+    fitting size would silently change what every id means."""
     own = Path(model_dir) / tk.TOKENIZER_FILE
+    if (Path(model_dir) / MAP_FILE).is_file():
+        if given is not None:
+            raise ValueError(f"{model_dir} has a trimmed vocabulary ({MAP_FILE}): its ids are the map's, so "
+                             "leave out --tokenizer")
+        return load_tokenizer(model_dir)
     if given is None:
         return tk.Tokenizer.load(model_dir)
     tok = tk.Tokenizer.load(given)
@@ -124,7 +131,8 @@ def run_settings(args, tok, **extra):
 
 
 def tokenizer_files(tok):
-    return {tk.TOKENIZER_FILE: tok.serialized()}
+    """What carries the tokenizer in a checkpoint (a trimmed vocabulary's map included)."""
+    return tok.files()
 
 
 # ---------------------------------------------------------------------------- commands

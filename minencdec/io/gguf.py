@@ -36,7 +36,6 @@ tokenizer, the output directory) before anything is written. Opening the 270M fi
 
 from __future__ import annotations
 
-import inspect
 import sys
 import zipfile
 from pathlib import Path
@@ -273,11 +272,10 @@ def check_out_dir(out_dir) -> Path:
 
 
 def write_new_checkpoint(out_dir, tensors, config_dict, dtype=None, extra_files=None):
-    """save_tensors into a directory that must not hold anything yet: checked here, and by
-    save_tensors itself where it has its `overwrite=` parameter."""
+    """save_tensors into a directory that must not hold anything yet (checked here first, so
+    the message says what to do, and again by save_tensors)."""
     check_out_dir(out_dir)
-    refuse = {"overwrite": False} if "overwrite" in inspect.signature(save_tensors).parameters else {}
-    save_tensors(out_dir, tensors, config_dict, dtype=dtype, extra_files=extra_files, **refuse)
+    save_tensors(out_dir, tensors, config_dict, dtype=dtype, extra_files=extra_files, overwrite=False)
 
 
 def import_gguf(path, out_dir, *, dtype=None, progress=None, extra_files=None) -> GemmaConfig:

@@ -16,6 +16,7 @@ does the tensor-level checks); a failure leaves no half-loaded model and no half
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 
@@ -31,8 +32,11 @@ from minencdec.model.config import WINDOW_RULES, GemmaConfig, T5GemmaConfig
 from minencdec.model.stack import GEMMA2, T5_ENCODER, stack_param_shapes
 from minencdec.model.validate import resolve_dtype
 
-# Files beside the weights that belong to the model and travel with it.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files beside the weights that belong to the model and travel with it: its tokenizer (a
+# trimmed vocabulary's is the full tokenizer and the map, io/vocab.py) and the terms and
+# notice real weights come with (io/gguf.py).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "full_tokenizer.model", "vocab_map.json", "NOTICE", "GEMMA_TERMS.html")
 
 
 def is_classifier(raw: dict) -> bool:
@@ -206,14 +210,16 @@ def adapt_checkpoints(encoder_from, decoder_from, out, cross_attn="auto", seed=0
         _check_kind(src, kind, "gemma2")
         if is_classifier(raw):
             raise CheckpointError(f"{src} holds a sequence classifier; adaptation needs a Gemma2ForCausalLM")
-    resolve_cross_attn(cross_attn, adapted_config(configs["encoder"], configs["decoder"]))
+    eoi = _eoi_token_index(decoder_from, configs["decoder"])
+    resolve_cross_attn(cross_attn, adapted_config(configs["encoder"], configs["decoder"], eoi))
     stored = {side: stored_dtypes(src) for side, src in sources.items()}
     exact = "float64" if any("F64" in tags.values() for tags in stored.values()) else "float32"
     work = "float64" if resolve_dtype(dtype) == np.float64 else exact
     enc = load_pretrained(encoder_from, work, expect="gemma2", progress=progress)
     same = os.path.realpath(str(encoder_from)) == os.path.realpath(str(decoder_from))
     dec = enc if same else load_pretrained(decoder_from, work, expect="gemma2", progress=progress)
-    config, params, mode = adapt_params(enc.params, enc.config, dec.params, dec.config, cross_attn, seed)
+    config, params, mode = adapt_params(enc.params, enc.config, dec.params, dec.config, cross_attn, seed,
+                                        eoi_token_index=eoi)
     hf = config.to_hf_dict()
     hf["minencdec_adaptation"] = {"encoder_from": os.path.abspath(str(encoder_from)),
                                   "decoder_from": os.path.abspath(str(decoder_from)),
@@ -221,6 +227,19 @@ def adapt_checkpoints(encoder_from, decoder_from, out, cross_attn="auto", seed=0
     save_tensors(out, params, hf, dtype=save_dtype or _source_dtypes(params, stored),
                  extra_files=_tokenizer_files(decoder_from), overwrite=overwrite)
     return config, mode
+
+
+def _eoi_token_index(path, config):
+    """T5Gemma 2's eoi token in the decoder source's ids: 256000 in Gemma 3's vocabulary, or
+    where a trimmed vocabulary's map put it (None when the map dropped it: eoi_embedding then
+    starts at zero and no input token reaches it)."""
+    if config.family != "gemma3":
+        return None
+    map_file = checkpoint_dir(path) / "vocab_map.json"
+    if not map_file.is_file():
+        return None                                       # the default, 256000
+    kept = json.loads(map_file.read_text(encoding="utf-8")).get("kept_ids") or []
+    return kept.index(256_000) if 256_000 in kept else len(kept)    # len(kept): beyond the vocabulary
 
 
 def _check_out(out, sources: dict) -> None:

@@ -107,6 +107,10 @@ class Tokenizer:
         """The model proto: exactly the bytes of a tokenizer.model file."""
         return self._proto
 
+    def files(self) -> dict[str, bytes]:
+        """The files that carry this tokenizer beside a checkpoint: {name: bytes}."""
+        return {TOKENIZER_FILE: self._proto}
+
     def save(self, directory) -> Path:
         """Write `directory`/tokenizer.model (atomically: a temporary file, then a rename)."""
         d = Path(directory)

@@ -120,12 +120,20 @@ class MappedTokenizer:
         i = self.full.piece_id(piece)
         return None if i is None or self.new_id[i] < 0 else int(self.new_id[i])
 
+    def files(self) -> dict[str, bytes]:
+        """The files that carry this tokenizer beside a checkpoint: the full tokenizer and the map."""
+        return {FULL_TOKENIZER_FILE: self.full.serialized(),
+                MAP_FILE: map_json(self.full.vocab_size, self.kept, self.source).encode()}
+
+    def serialized(self) -> bytes:
+        """One byte string that identifies the tokenizer (the full model, then the map)."""
+        return b"".join(self.files().values())
+
     def save(self, directory) -> Path:
         """Write full_tokenizer.model and vocab_map.json into `directory` (each atomically)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        for name, data in ((FULL_TOKENIZER_FILE, self.full.serialized()),
-                           (MAP_FILE, map_json(self.full.vocab_size, self.kept, self.source).encode())):
+        for name, data in self.files().items():
             tmp = d / f".{name}.tmp{os.getpid()}"
             tmp.write_bytes(data)
             os.replace(tmp, d / name)

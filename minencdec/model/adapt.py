@@ -55,8 +55,10 @@ def map_name(gemma2_name: str, side: str) -> str:
     return f"model.{side}.{rest}"
 
 
-def adapted_config(encoder_from: GemmaConfig, decoder_from: GemmaConfig) -> T5GemmaConfig:
-    """The T5Gemma config of a pair; the vocabularies must agree (one token space)."""
+def adapted_config(encoder_from: GemmaConfig, decoder_from: GemmaConfig, eoi_token_index=None) -> T5GemmaConfig:
+    """The T5Gemma config of a pair; the vocabularies must agree (one token space).
+    `eoi_token_index`: T5Gemma 2's eoi token (None: 256000, its id in Gemma 3's vocabulary;
+    a trimmed vocabulary renumbers it, io/vocab.py)."""
     if encoder_from.vocab_size != decoder_from.vocab_size:
         raise ValueError(f"the encoder source has vocab_size {encoder_from.vocab_size} but the decoder "
                          f"source has {decoder_from.vocab_size}: adaptation needs one shared vocabulary")
@@ -66,7 +68,8 @@ def adapted_config(encoder_from: GemmaConfig, decoder_from: GemmaConfig) -> T5Ge
     if encoder_from.family == "gemma3" and encoder_from.hidden_size != decoder_from.hidden_size:
         raise ValueError(f"T5Gemma 2 needs sources of one width (merged attention projects the encoder "
                          f"output with the decoder's k/v): {encoder_from.hidden_size} vs {decoder_from.hidden_size}")
-    return T5GemmaConfig(encoder_from, decoder_from)
+    return T5GemmaConfig(encoder_from, decoder_from,
+                         eoi_token_index=eoi_token_index if encoder_from.family == "gemma3" else None)
 
 
 def resolve_cross_attn(mode: str, config: T5GemmaConfig) -> str:
@@ -90,13 +93,13 @@ def resolve_cross_attn(mode: str, config: T5GemmaConfig) -> str:
 
 
 def adapt_params(encoder_params: dict, encoder_config: GemmaConfig, decoder_params: dict,
-                 decoder_config: GemmaConfig, cross_attn="auto", seed=0, std=0.02):
+                 decoder_config: GemmaConfig, cross_attn="auto", seed=0, std=0.02, eoi_token_index=None):
     """(T5GemmaConfig, params, mode). The source dicts are Gemma 2 or Gemma 3 params (HF
     names); the result shares their arrays (no copy), so adapting a 2B model needs no second 10 GB.
     Writing the result to disk is safe as it is; `T5GemmaModel(config, params)` copies the
     arrays that are shared between names (every parameter must own its memory to train),
     but the source model's arrays are still shared with it: train a copy, or reload."""
-    config = adapted_config(encoder_config, decoder_config)
+    config = adapted_config(encoder_config, decoder_config, eoi_token_index)
     mode = resolve_cross_attn(cross_attn, config)
     params = {}
     for side, source in (("encoder", encoder_params), ("decoder", decoder_params)):

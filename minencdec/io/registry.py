@@ -38,26 +38,32 @@ def cache_root(cache_dir=None) -> Path:
 
 @dataclass(frozen=True)
 class Pin:
-    """One wheel on the registry: its project name, exact version and the sha256 of its file."""
+    """One file on the registry: its project name, exact version and the sha256 of its file,
+    a wheel or (`sdist=True`) a source archive."""
 
     name: str
     version: str
     sha256: str
+    sdist: bool = False
 
     @property
     def requirement(self) -> str:
         return f"{self.name}=={self.version}"
 
     @property
-    def file_prefix(self) -> str:
-        """How the wheel's file name starts (a wheel spells "-" and "." in names as "_")."""
-        return self.name.replace("-", "_").replace(".", "_") + f"-{self.version}-"
+    def file_pattern(self) -> str:
+        """The downloaded file's name, as a glob (a wheel spells "-" and "." in names as "_")."""
+        if self.sdist:
+            return f"{self.name}-{self.version}.*"
+        return self.name.replace("-", "_").replace(".", "_") + f"-{self.version}-*.whl"
 
 
 def pip_download_command(pin: Pin, dest) -> list[str]:
-    """The command that fetches one wheel (no dependencies, never an sdist to build)."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-            pin.requirement, "-d", str(dest)]
+    """The command that fetches one file (no dependencies; a wheel never falls back to an
+    sdist, and an sdist never to a wheel). Note that for an sdist pip prepares its metadata,
+    which runs its setup.py in an isolated build environment."""
+    only = ["--no-binary", ":all:"] if pin.sdist else ["--only-binary", ":all:"]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", *only, pin.requirement, "-d", str(dest)]
 
 
 def download(pins, dest) -> dict[str, Path]:
@@ -74,9 +80,9 @@ def download(pins, dest) -> dict[str, Path]:
                 " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
         except (OSError, subprocess.TimeoutExpired) as e:
             failure = str(e)
-        found = sorted(p for p in dest.glob(pin.file_prefix + "*.whl"))
+        found = sorted(dest.glob(pin.file_pattern))
         if failure or len(found) != 1:
-            problem = failure or (f"pip left {len(found)} wheels named {pin.file_prefix}*.whl in {dest}")
+            problem = failure or (f"pip left {len(found)} files named {pin.file_pattern} in {dest}")
             raise FetchError(f"could not fetch {pin.requirement} from the package registry.\n"
                                f"  command: {' '.join(cmd)}\n  problem: {problem}\n"
                                "Check your network connection or pip's index settings (pip config list).")

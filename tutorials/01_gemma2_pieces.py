@@ -28,7 +28,6 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -36,17 +35,15 @@ try:
     import minencdec  # noqa: F401
 except ImportError:                      # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")                # running as a script: write files, open no window
+import plots                             # tutorials/plots.py: matplotlib set up, figures to plots.FIG
 import matplotlib.pyplot as plt
+from exercises import grade
 
 from minencdec.model.layers import (gelu_tanh_backward, gelu_tanh_forward, mlp_backward, mlp_forward,
                                     rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin,
                                     rope_forward, softcap_backward, softcap_forward)
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
-FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
-FIG.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -87,8 +84,12 @@ FD_TOL = 1e-6        # float64 central differences land near 1e-9; a wrong formu
 #
 # $$ dx = r \,\big(d\hat x - \hat x \cdot \mathrm{mean}(d\hat x \odot \hat x)\big) $$
 #
-# the incoming gradient with its component along x_hat removed (scaling x does not change
-# x_hat, so that direction gets no gradient). These are the three lines of `rmsnorm_backward`.
+# These are the three lines of `rmsnorm_backward`. At eps = 0 the bracket is the incoming
+# gradient with its component along x_hat removed: then |x_hat|^2 = D exactly, scaling x
+# does not change x_hat at all, and x . dx = 0. With eps > 0, |x_hat|^2 = D ms / (ms + eps)
+# (ms = mean(x^2)) is a little less than D: a longer x does move x_hat a little, and
+# x . dx = (x_hat . d x_hat) eps / (ms + eps) instead of 0. We check both below, with a
+# large eps so the sliver is visible.
 
 # %%
 B, T, D = (2, 3, 8) if QUICK else (4, 16, 64)
@@ -106,6 +107,14 @@ loss = lambda: np.sum(rmsnorm_forward(x, w, 1e-6)[0] * g)     # noqa: E731
 err_x, err_w = fd_error(loss, x, dx), fd_error(loss, w, dw)
 print(f"RMSNorm  dx rel err {err_x:.1e}   dw rel err {err_w:.1e}")
 assert err_x < FD_TOL and err_w < FD_TOL
+
+for eps in (0.0, 0.5):                                     # the projection holds exactly at eps = 0 only
+    y_e, cache_e = rmsnorm_forward(x, w, eps)
+    dx_e, _ = rmsnorm_backward(g, cache_e)
+    ms = np.mean(x ** 2, axis=-1)
+    along = np.sum(y_e / (1 + w) * g * (1 + w), axis=-1) * eps / (ms + eps)   # (x_hat . d x_hat) eps / (ms + eps)
+    print(f"eps = {eps}: max |x . dx| = {np.abs(np.sum(x * dx_e, -1)).max():.1e}, predicted {np.abs(along).max():.1e}")
+    assert np.allclose(np.sum(x * dx_e, axis=-1), along, rtol=1e-9, atol=1e-12)
 
 # %% [markdown]
 # **Why zeros would hide a bug.** Suppose someone wrote `dw = sum(dy * y)` (the output instead
@@ -247,7 +256,7 @@ axes[1].set_title("score q(m) . k(n): constant along diagonals,\nso it depends o
 axes[1].set_xlabel("key position n"); axes[1].set_ylabel("query position m")   # noqa: E702
 fig.colorbar(im, ax=axes[1], shrink=0.85)
 fig.tight_layout()
-fig.savefig(FIG / "01_rope.png", dpi=110)
+plots.save(fig, "01_rope.png")
 
 # %% [markdown]
 # ## Logit softcapping
@@ -288,7 +297,7 @@ axes[1].plot(grid, softcap_backward(np.ones_like(grid), c30), label="cap 30")
 axes[1].set_title("its derivative 1 - tanh$^2$(x / cap): fades, never jumps")
 axes[1].set_xlabel("x"); axes[1].legend(fontsize=8)                  # noqa: E702
 fig.tight_layout()
-fig.savefig(FIG / "01_softcap.png", dpi=110)
+plots.save(fig, "01_softcap.png")
 
 # %% [markdown]
 # ## What we checked
@@ -296,6 +305,68 @@ fig.savefig(FIG / "01_softcap.png", dpi=110)
 # Each backward above agrees with finite differences to about 1e-9, and the RMSNorm example
 # showed why the checks use random norm weights. Tutorial 2 puts these pieces together into
 # softmax attention and its masks.
+#
+# ## Exercises
+#
+# **1.1 RMSNorm's dx, by hand.** Write `rmsnorm_dx(dy, x, w, eps)` from the derivation above
+# without calling the library: r = (mean(x^2) + eps)^(-1/2), x_hat = x r, d x_hat = dy (1 + w),
+# dx = r (d x_hat - x_hat mean(d x_hat x_hat)). The check is the finite-difference one, on
+# random x and w. Then try leaving out the projection term (`r * dy * (1 + w)`): that is the
+# known-wrong answer the check must reject, and it does, by O(1).
 
 # %%
-print("figures:", sorted(p.name for p in FIG.glob("01_*.png")))
+my_rmsnorm_dx = None          # your answer: a function (dy, x, w, eps) -> dx
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_rmsnorm_dx(dy, x, w, eps):
+    r = 1.0 / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps)
+    xhat, dxhat = x * r, dy * (1 + w)
+    return r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+
+
+# %%
+def check_rmsnorm_dx(rmsnorm_dx):
+    xe, we, ge = rng.normal(size=(2, 3, 8)), rng.normal(scale=0.3, size=8), rng.normal(size=(2, 3, 8))
+    loss = lambda: np.sum(rmsnorm_forward(xe, we, 1e-6)[0] * ge)          # noqa: E731
+    err = fd_error(loss, xe, rmsnorm_dx(ge, xe, we, 1e-6))
+    assert err < FD_TOL, f"relative error {err:.1e} against finite differences"
+
+
+def no_projection(dy, x, w, eps):                  # the slip: forget that x also sets r
+    return dy * (1 + w) / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps)
+
+
+grade("Exercise 1.1", check_rmsnorm_dx, answer=my_rmsnorm_dx, solution=solution_rmsnorm_dx, wrong=no_projection)
+
+# %% [markdown]
+# **1.2 RoPE's backward is the opposite rotation.** Write `rope_dx(dy, cos, sin)` for
+# y = x cos + rotate_half(x) sin, using only NumPy: rotate each pair by the opposite angle.
+# (Hint: rotate_half(z) = [-z2, z1]; its transpose maps [z1, z2] to [z2, -z1].) The check is
+# finite differences of `rope_forward`; rotating by the *same* angle again, which is what
+# calling the forward a second time does, is the wrong answer it must reject.
+
+# %%
+my_rope_dx = None             # your answer: a function (dy, cos, sin) -> dx
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_rope_dx(dy, cos, sin):
+    d = dy * sin
+    h = dy.shape[-1] // 2
+    return dy * cos + np.concatenate([d[..., h:], -d[..., :h]], axis=-1)     # C dy + R^T (S dy)
+
+
+# %%
+def check_rope_dx(rope_dx):
+    xe, ge = rng.normal(size=(2, 2, 5, 16)), rng.normal(size=(2, 2, 5, 16))
+    c5, s5 = rope_cos_sin(np.arange(5), 16, 10000.0, np.float64)
+    loss = lambda: np.sum(rope_forward(xe, c5, s5)[0] * ge)              # noqa: E731
+    err = fd_error(loss, xe, rope_dx(ge, c5, s5))
+    assert err < FD_TOL, f"relative error {err:.1e} against finite differences"
+
+
+def same_rotation(dy, cos, sin):                   # the slip: the forward again
+    return rope_forward(dy, cos, sin)[0]
+
+
+grade("Exercise 1.2", check_rope_dx, answer=my_rope_dx, solution=solution_rope_dx, wrong=same_rotation)
+print("figures:", sorted(p.name for p in plots.FIG.glob("01_*.png")))

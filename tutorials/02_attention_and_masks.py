@@ -31,7 +31,6 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -39,9 +38,9 @@ try:
     import minencdec  # noqa: F401
 except ImportError:                      # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")                # running as a script: write files, open no window
+import plots                             # tutorials/plots.py: matplotlib set up, figures to plots.FIG
 import matplotlib.pyplot as plt
+from exercises import grade
 
 from minencdec.model.attention import (attention_backward, attention_block_forward, attention_forward,
                                        bidirectional_mask, causal_mask, with_key_padding)
@@ -50,8 +49,6 @@ from minencdec.model.gemma2 import Gemma2Model, init_params, self_attention_mask
 from minencdec.model.layers import rmsnorm_forward, rope_cos_sin
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
-FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
-FIG.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -142,7 +139,7 @@ ax.set_xticks(range(K)); ax.set_yticks(range(H))                        # noqa: 
 ax.set_xlabel("kv head", fontsize=8); ax.set_ylabel("query head", fontsize=8)   # noqa: E702
 fig.suptitle("Attention masks: dark = key visible to the query", fontsize=12)
 fig.tight_layout()
-fig.savefig(FIG / "02_masks.png", dpi=110)
+plots.save(fig, "02_masks.png")
 
 # %% [markdown]
 # ## Real attention weights from a tiny random model
@@ -178,7 +175,7 @@ def layer_attention(params, ids, layer):
                                        cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, rope)
     z, _ = rmsnorm_forward(y, model.params[P + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
     assert np.allclose(z, rec[f"layers.{layer}.self_attn"], rtol=0, atol=1e-12)   # the model's own numbers
-    p = cache.attn[3]                          # the reference attention's cache: (qg, k, v, p, cap, scale)
+    qg, k, v, p, cap_c, scale = cache.attn     # the reference attention's cache, by name
     return p.reshape(cfg.num_attention_heads, L, L)          # (B=1, K, G, T, S) -> (H, T, S)
 
 
@@ -214,24 +211,53 @@ for row, layer in enumerate((0, 1)):
         ax.tick_params(labelsize=7)
 fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight p (grey: masked)")
 fig.suptitle("Attention weights of a tiny random Gemma 2 (random weights, std 0.2)", fontsize=12)
-fig.savefig(FIG / "02_attention_weights.png", dpi=110)
+plots.save(fig, "02_attention_weights.png")
 
 # %% [markdown]
 # ## The backward of softmax attention
 #
-# Read the forward bottom-up, inverting one line at a time (this is `attention_backward`):
+# The forward, line by line: raw = q k^T, s = 50 tanh(raw scale / 50) (softcap), masked
+# entries of s set to -inf, p = softmax(s) along each row, o = p v. Read it bottom-up,
+# inverting one line at a time (this is `attention_backward`):
 #
 # 1. o = p v  gives  dv = p^T do  and  dp = do v^T.  With GQA, G query heads share each v,
-#    so dv **sums** over the G heads of a group (the `np.sum(..., axis=2)`).
-# 2. p = softmax(s) along a row gives ds_j = p_j (dp_j - sum_k p_k dp_k): the Jacobian of
-#    softmax is diag(p) - p p^T. A masked key has p_j = 0, so its ds_j is exactly 0: the mask
-#    needs no special case in the backward.
-# 3. s = softcap(raw) gives d raw = ds (1 - tanh^2(raw / 50)) (tutorial 1), and the scaling
-#    multiplies by `scale`.
+#    so dv **sums** over the G heads of a group (the einsum drops the G axis).
+# 2. p = softmax(s) along a row gives ds = p * (dp - sum_k p_k dp_k), derived below. A
+#    masked key has p_j = 0, so its ds_j is exactly 0: the mask needs no special case.
+# 3. s = 50 tanh(raw scale / 50) gives d raw = ds (1 - tanh^2(raw scale / 50)) scale: the
+#    softcap's derivative (tutorial 1) at its own argument, raw *times scale*, then the
+#    chain rule through the scaling.
 # 4. raw = q k^T gives dq = d raw k and dk = d raw^T q, dk again summed over each group.
 #
-# We check all three gradients with finite differences on a hard case: GQA, softcap, key
-# padding, a sliding window, and left padding that leaves the first query row fully masked.
+# **Deriving step 2.** For one row, p_j = e^{s_j} / Z with Z = sum_k e^{s_k}. Differentiate
+# p_j with respect to s_i: the numerator gives delta_ij e^{s_j} / Z = delta_ij p_j, and the
+# denominator gives -e^{s_j} e^{s_i} / Z^2 = -p_j p_i. So dp_j / ds_i = p_j (delta_ij - p_i),
+# the Jacobian J = diag(p) - p p^T. The chain rule sums over the outputs j:
+#
+# $$ ds_i = \sum_j dp_j \, p_j (\delta_{ij} - p_i) = p_i \Big(dp_i - \sum_j p_j\, dp_j\Big) $$
+#
+# We check the Jacobian itself against finite differences of a softmax, column by column,
+# and then the one-line formula against the matrix-vector product J^T dp.
+
+# %%
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+s_row, dp_row = rng.normal(size=6), rng.normal(size=6)
+p_row = softmax(s_row)
+J = np.diag(p_row) - np.outer(p_row, p_row)                      # J[j, i] = dp_j / ds_i
+J_fd = np.stack([(softmax(s_row + 1e-6 * e) - softmax(s_row - 1e-6 * e)) / 2e-6 for e in np.eye(6)], axis=1)
+assert np.abs(J - J_fd).max() < 1e-9
+assert np.allclose(J.T @ dp_row, p_row * (dp_row - p_row @ dp_row), rtol=0, atol=1e-15)
+print(f"softmax Jacobian diag(p) - p p^T == finite differences (max diff {np.abs(J - J_fd).max():.1e}); "
+      "J^T dp == p (dp - p.dp)")
+
+# %% [markdown]
+# Now all three gradients of the whole function, with finite differences, on a hard case:
+# GQA, softcap, key padding, a sliding window, and left padding that leaves the first query
+# row fully masked.
 
 # %%
 def fd_error(loss, x, grad, n=10, h=1e-5):      # tutorial 1's checker: L = sum(o * g), so do = g
@@ -264,14 +290,78 @@ for name, x, grad in (("q", q, dq), ("k", k, dk), ("v", v, dv)):
 # **Fully masked rows are safe.** The forward replaces a row max of `-inf` by 0 before
 # exponentiating, so exp(-inf - 0) = 0 everywhere and the row sum is 0; dividing by 1
 # instead of 0 leaves p = 0. The query's output is exactly zero, no NaN appears, and no
-# gradient flows through it. (A "magic" -10000 instead of -inf would instead give a
-# uniform average over the padding.)
+# gradient flows through it. A "magic" -10000 in place of -inf behaves differently on
+# exactly these rows: every score of the row is then -10000, the softmax of equal scores is
+# uniform, and the padded query's output becomes the plain average of all the values,
+# padding included. We check both.
 
 # %%
-p = cache[3]                                             # (B, K, G, T, S)
+qg, k_, v_, p, cap_c, scale = cache                      # p: (B, K, G, T, S)
 assert np.all(np.isfinite(o)) and np.all(np.isfinite(dq)) and np.all(np.isfinite(dk))
 assert not mask[0, 0].any()                              # row 0 of example 0 sees nothing ...
 assert np.all(p[0, :, :, 0] == 0) and np.all(o[0, :, 0] == 0) and np.all(dq[0, :, 0] == 0)
 assert np.all(dk[0, :, :2] == 0) and np.all(dv[1, :, -3:] == 0)   # padded keys get no gradient
 print("fully masked query row: p = 0, output = 0, gradient = 0, no NaN")
-print("figures:", sorted(f.name for f in FIG.glob("02_*.png")))
+
+s_magic = np.einsum("bkgtd,bksd->bkgts", qg, k_) * scale
+s_magic = np.where(mask[:, None, None], 50.0 * np.tanh(s_magic / 50.0), -10000.0)   # -10000, not -inf
+p_magic = np.exp(s_magic - s_magic.max(-1, keepdims=True))
+p_magic /= p_magic.sum(-1, keepdims=True)
+assert np.allclose(p_magic[0, :, :, 0], 1.0 / Tf)                       # the padded row: uniform
+assert np.allclose(p_magic[1], p[1], rtol=0, atol=1e-15)                # rows that see a key: as -inf
+print(f"with -10000: the fully masked row attends uniformly, 1/{Tf} to each key; other rows as with -inf")
+
+# %% [markdown]
+# ## Exercises
+#
+# **2.1 The softmax backward.** Write `softmax_ds(p, dp)`: the gradient with respect to the
+# scores s of a row (or of every row: work along the last axis), given p = softmax(s) and
+# dp. The check compares it with finite differences of sum(softmax(s) * dp); the slip it must
+# reject is the diagonal of the Jacobian alone, p * dp, which forgets that raising one score
+# lowers every other probability.
+
+# %%
+my_softmax_ds = None          # your answer: a function (p, dp) -> ds
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_softmax_ds(p, dp):
+    return p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+
+
+# %%
+def check_softmax_ds(softmax_ds):
+    s0, dp0 = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    row_softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
+    err = fd_error(lambda: np.sum(row_softmax(s0) * dp0), s0, softmax_ds(row_softmax(s0), dp0))
+    assert err < 1e-6, f"relative error {err:.1e} against finite differences"
+
+
+grade("Exercise 2.1", check_softmax_ds, answer=my_softmax_ds, solution=solution_softmax_ds,
+      wrong=lambda p, dp: p * dp)
+
+# %% [markdown]
+# **2.2 Which kv head?** With H query heads and K kv heads, write `kv_head(h, H, K)`, the
+# kv head that query head h reads in `attention_forward`. The check builds plain multi-head
+# attention with each query head given the kv head your function names, and compares it
+# with the library's GQA output; the tiled order 0, 1, 2, 3, 0, 1, ... (h % K) must fail.
+
+# %%
+my_kv_head = None             # your answer: a function (h, H, K) -> int
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_kv_head(h, H, K):
+    return h // (H // K)
+
+
+# %%
+def check_kv_head(kv_head):
+    qe = rng.normal(size=(1, 8, 5, 4))
+    ke, ve = rng.normal(size=(2, 1, 2, 5, 4))
+    pick = [kv_head(h, 8, 2) for h in range(8)]
+    want = attention_forward(qe, ke, ve, causal_mask(5)[None], 0.5, None)[0]
+    got = attention_forward(qe, ke[:, pick], ve[:, pick], causal_mask(5)[None], 0.5, None)[0]
+    assert np.allclose(got, want, rtol=0, atol=1e-12), f"query heads 0..7 -> kv heads {pick}"
+
+
+grade("Exercise 2.2", check_kv_head, answer=my_kv_head, solution=solution_kv_head, wrong=lambda h, H, K: h % K)
+print("figures:", sorted(f.name for f in plots.FIG.glob("02_*.png")))

@@ -35,7 +35,6 @@ from pathlib import Path
 
 # One BLAS thread: faster for these tiny matrices, and steady on a busy machine (before numpy loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import matplotlib
 import numpy as np
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -43,9 +42,9 @@ try:
     import minencdec  # noqa: F401
 except ImportError:                      # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")                # running as a script: write files, open no window
+import plots                             # tutorials/plots.py: matplotlib set up, figures to plots.FIG
 import matplotlib.pyplot as plt
+from exercises import grade
 from matplotlib.colors import to_rgb
 
 from minencdec.model.adapt import adapt_params
@@ -60,8 +59,6 @@ from minencdec.training.tasks import Seq2SeqTask
 from minencdec.io.tokenizer import train_tokenizer
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
-FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
-FIG.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -123,9 +120,19 @@ assert (labels_rnd == -100).any() and ((labels_rnd != -100).sum(1) + mask_rnd.su
 #    \mathcal{L} = \alpha\, T^2\, \overline{\textstyle -\sum_v p_v \log q_v}
 #                + (1 - \alpha)\, \mathrm{CE}(s, y) $$
 #
-# (mean over labelled tokens; the paper's setting is alpha = 1, T = 1.) Its gradient,
-# derived once: d/ds of -sum p log q is (q - p) / T, so the soft term contributes
-# alpha T (q - p) / N, N the number of labelled tokens.
+# (mean over labelled tokens; the paper's setting is alpha = 1, T = 1.)
+#
+# **Its gradient, derived.** Take one token and write u = s / T, so q = softmax(u) and
+# log q_v = u_v - logsumexp(u). Then d log q_v / d u_w = delta_vw - q_w, and
+#
+# $$ \frac{\partial}{\partial u_w}\Big(-\sum_v p_v \log q_v\Big) = -\sum_v p_v (\delta_{vw} - q_w)
+#    = -p_w + q_w \sum_v p_v = q_w - p_w $$
+#
+# because the teacher's p sums to 1. The chain rule through u = s / T divides by T, and the
+# loss multiplies the token's term by alpha T^2 / N (N labelled tokens): the soft part of
+# dL/ds is **alpha T (q - p) / N**. The hard part is tutorial 3's (softmax(s) - onehot(y)) / N
+# times 1 - alpha. Below we write both by hand and compare them with `distillation_backward`,
+# which is itself checked against finite differences.
 #
 # **Alignment.** A causal model's logits at position i predict token i + 1. The student's
 # target t is row token k + t, so the teacher logits that predict it sit at position
@@ -197,6 +204,14 @@ print(f"distillation_backward vs finite differences: rel err {err:.1e}; ignored 
       f"gradient {np.abs(grad[1, 3:]).max()}")
 assert err < 1e-8 and not grad[1, 3:].any()
 
+keep = (y != -100)[..., None]
+q_hand = np.exp(log_softmax(z_s / 2.5))
+p_hand = np.exp(log_softmax(z_t / 2.5))
+hard = np.exp(log_softmax(z_s)) - np.eye(7)[np.where(y == -100, 0, y)]
+by_hand = (0.7 * 2.5 * (q_hand - p_hand) + 0.3 * hard) * keep / keep.sum()
+assert np.allclose(by_hand, grad, rtol=0, atol=1e-15)
+print("the derived gradient alpha T (q - p) / N + (1 - alpha)(softmax(s) - onehot) / N == distillation_backward")
+
 # %% [markdown]
 # **Why T^2.** A higher temperature flattens the teacher's distribution and shows the
 # student how the teacher ranks the *wrong* tokens. But q - p shrinks like 1/T when T grows
@@ -231,7 +246,7 @@ axes[1].set_xticks(temps, [str(t) for t in temps])
 axes[1].minorticks_off()
 axes[1].legend()
 fig.tight_layout()
-fig.savefig(FIG / "05_distillation.png", dpi=110)
+plots.save(fig, "05_distillation.png")
 
 # %% [markdown]
 # ## UL2: seven denoisers
@@ -314,7 +329,7 @@ handles = [plt.Rectangle((0, 0), 1, 1, fc=c) for c in (KEPT, light(0), dark(0), 
 ax.legend(handles, ["kept token", "noise span (one colour per span)", "its sentinel <extra_id_i>",
                     "mode token", "eos"], ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=9)
 fig.tight_layout()
-fig.savefig(FIG / "05_ul2_denoisers.png", dpi=100)
+plots.save(fig, "05_ul2_denoisers.png", dpi=100)
 
 # %% [markdown]
 # ## Input + target reconstruct the row
@@ -396,5 +411,66 @@ axes[1].set(xlabel="token position", ylabel="P(noise)", ylim=(-0.03, 1.03),
             title="noise rate per position: never the first token, always the last")
 axes[1].legend(fontsize=8, loc="upper left")
 fig.tight_layout()
-fig.savefig(FIG / "05_noise_masks.png", dpi=110)
-print("figures:", sorted(f.name for f in FIG.glob("05_*.png")))
+plots.save(fig, "05_noise_masks.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# **5.1 The teacher's slice.** Write `teacher_slice(k, n)` -> (start, stop): which positions
+# of the teacher's logits (run on the whole row) score the student's n targets, the row
+# tokens k .. k + n - 1. The check slices the counting teacher above with your answer and
+# requires its argmax to be the target at least 95% of the time; `(k, k + n)`, one late,
+# must fail.
+
+# %%
+my_teacher_slice = None       # your answer: a function (k, n) -> (start, stop)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_teacher_slice(k, n):
+    return k - 1, k - 1 + n    # position i predicts token i + 1
+
+
+# %%
+def check_teacher_slice(teacher_slice):
+    rows_c = counting(8, 16)
+    a, b = teacher_slice(8, 6)
+    hits = (teacher.logits(rows_c)[:, a:b].argmax(-1) == rows_c[:, 8:14]).mean()
+    assert b - a == 6 and hits > 0.95, f"the teacher's argmax matches the target {hits:.0%} of the time"
+
+
+grade("Exercise 5.1", check_teacher_slice, answer=my_teacher_slice, solution=solution_teacher_slice,
+      wrong=lambda k, n: (k, k + n))
+
+# %% [markdown]
+# **5.2 The distillation gradient.** Write `kd_grad(s, t, y, T, alpha)`, dL/ds of the loss
+# above for student logits s and teacher logits t (..., V), targets y (-100 ignored). The
+# check is central differences of `distillation_forward`; the slip it must reject drops the
+# T^2 factor's effect, giving alpha (q - p) / (T N) for the soft part.
+
+# %%
+my_kd_grad = None             # your answer: a function (s, t, y, T, alpha) -> ds
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_kd_grad(s, t, y, T, alpha, soft_scale=None):
+    keep = (y != -100)[..., None]
+    soft = np.exp(log_softmax(s / T)) - np.exp(log_softmax(t / T))
+    hard = np.exp(log_softmax(s)) - np.eye(s.shape[-1])[np.where(y == -100, 0, y)]
+    return (alpha * (T if soft_scale is None else soft_scale) * soft + (1 - alpha) * hard) * keep / keep.sum()
+
+
+# %%
+def check_kd_grad(kd_grad):
+    s0, t0 = rng.normal(0, 2, (2, 3, 5)), rng.normal(0, 2, (2, 3, 5))
+    y0 = np.array([[1, 4, -100], [0, 2, 3]])
+    got = kd_grad(s0.copy(), t0, y0, 2.0, 0.6)
+    for i in np.ndindex(s0.shape):
+        up, down = s0.copy(), s0.copy()
+        up[i] += 1e-6
+        down[i] -= 1e-6
+        fd_i = (distillation_forward(up, t0, y0, 2.0, 0.6)[0] - distillation_forward(down, t0, y0, 2.0, 0.6)[0]) / 2e-6
+        assert abs(fd_i - got[i]) < 1e-7, (i, fd_i, got[i])
+
+
+grade("Exercise 5.2", check_kd_grad, answer=my_kd_grad, solution=solution_kd_grad,
+      wrong=lambda s, t, y, T, alpha: solution_kd_grad(s, t, y, T, alpha, soft_scale=1 / T))
+print("figures:", sorted(f.name for f in plots.FIG.glob("05_*.png")))

@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 9. Verifying another implementation, layer by layer
+# # 11. Verifying another implementation, layer by layer
 #
 # You have ported T5Gemma to JAX, C++ or your own PyTorch, and its logits differ from the
 # reference by 1e-3. Is that rounding, or a bug, and where? Comparing the logits cannot say:
@@ -35,7 +35,6 @@ from pathlib import Path
 
 # One BLAS thread: faster for these tiny matrices, and steady on a busy machine (before numpy loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import matplotlib
 import numpy as np
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -43,12 +42,13 @@ try:
     import minencdec  # noqa: F401
 except ImportError:                      # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")                # running as a script: write files, open no window
+import plots                             # tutorials/plots.py: matplotlib set up, figures to plots.FIG
 import matplotlib.pyplot as plt
+from exercises import grade
 
 from minencdec import cli
 from minencdec import verify
+from minencdec.io.pretrained import load_pretrained
 from minencdec.model import backend
 from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import preset
@@ -56,8 +56,6 @@ from minencdec.model.layers import rmsnorm_forward
 from minencdec.model.t5gemma import T5GemmaModel
 
 QUICK = os.environ.get("MINENCDEC_QUICK") == "1"     # the test suite's small sizes
-FIG = Path(os.environ.get("MINENCDEC_FIGURES", HERE / "figures"))   # where the PNGs go
-FIG.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -102,15 +100,33 @@ assert len(names) == 2 * (2 + 3 * layers) + layers + 1          # embed, sublaye
 # ## A port with a planted bug
 #
 # A typical porting slip: one tensor passes through bfloat16 on its way in (here the
-# decoder's layer-1 `pre_feedforward_layernorm`, truncated to 8 mantissa bits). The port
+# decoder's layer-1 `pre_feedforward_layernorm`). bfloat16 is float32's top 16 bits: the
+# sign, the same 8 exponent bits, and 7 stored mantissa bits (8 significant bits with the
+# implicit leading one). Converting a float32 rounds to the nearest bfloat16, ties to the
+# even one, as `torch.Tensor.to(torch.bfloat16)` does (checked below when torch is
+# installed; exercise 11.2 has you write it). The port
 # is otherwise our own code, so every activation before that norm is **bit-identical**.
 # `compare_dumps(theirs, ours)` takes ours as the reference: an entry fails when
 # |theirs - ours| > rtol max|ours|, with rtol = `RTOL_F64` = 1e-9 for float64 dumps.
 
 # %%
 def through_bfloat16(w):
-    """Keep the top 16 bits of each float32: what storing as bfloat16 (truncating) leaves."""
-    return (w.astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32).astype(np.float64)
+    """w stored as bfloat16 and read back: float32 rounded to its top 16 bits, to nearest,
+    ties to even (add 0x7FFF plus the lowest kept bit, then cut; finite values only)."""
+    bits = w.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+try:
+    import torch
+except ImportError:
+    print("note: torch not installed; the rounding is checked by exercise 11.2's hand-made cases")
+else:
+    sample = rng.normal(size=10_000).astype(np.float32)
+    assert np.array_equal(through_bfloat16(sample), torch.from_numpy(sample).to(torch.bfloat16).double().numpy())
+    print("through_bfloat16 == torch's float32 -> bfloat16 conversion on 10,000 random numbers")
+
 
 
 BUG = "model.decoder.layers.1.pre_feedforward_layernorm.weight"
@@ -213,30 +229,17 @@ assert next(r for r in rows_islands if r.status == "DIFF").name == "encoder.laye
 
 # %%
 fig, ax = plt.subplots(figsize=(13, 5))
-FLOOR = 1e-18                                                   # where an exact 0 is drawn
-x = np.arange(len(rows_bug))
-for rows, label, style in ((rows_exact, labels[0], "o-"), (rows_islands, labels[1], "s-"),
-                           (rows_bug, "port with one norm read through bfloat16", "^-")):
-    assert [r.name for r in rows] == [r.name for r in rows_bug]
-    ax.semilogy(x, [max(r.max_rel, FLOOR) for r in rows], style, ms=4, label=label)
-for level, text, colour in ((np.finfo(np.float64).eps, "float64 epsilon", "0.5"),
-                            (np.finfo(np.float32).eps, "float32 epsilon", "0.5"),
-                            (verify.RTOL_F64, "RTOL_F64 = 1e-9", "tab:red"),
-                            (verify.RTOL_F32, "RTOL_F32 = 1e-3", "tab:purple")):
-    ax.axhline(level, color=colour, ls="--", lw=1)
-    ax.text(len(x) - 0.3, level, text, va="center", fontsize=8, color=colour, backgroundcolor="white")
-ax.axhspan(FLOOR / 3, 1e-17, color="0.93")                      # below: the exact zeros, not a scale
-ax.set_xticks(x, [r.name.replace("coder.layers.", "c.L").replace("coder.", "c.") for r in rows_bug],
-              rotation=60, ha="right", fontsize=7)
-ax.set_ylim(FLOOR / 3, 30)
-ax.set_xlim(-0.6, len(x) + 2.2)                                 # room for the labels on the right
-ax.set_yticks([FLOOR, 1e-15, 1e-12, 1e-9, 1e-6, 1e-3],
-              ["0 (bit-equal)", "1e-15", "1e-12", "1e-9", "1e-6", "1e-3"])
-ax.set_ylabel("max |theirs - ours| / max |ours|")
-ax.set_title("per-sublayer agreement with minencdec (float64): honest rounding, float32 islands, and a bug")
+series = {labels[0]: (rows_exact, "o-"), labels[1]: (rows_islands, "s-"),
+          "port with one norm read through bfloat16": (rows_bug, "^-")}
+assert all([r.name for r in rows] == [r.name for r in rows_bug] for rows, _ in series.values())
+plots.agreement(ax, [r.name for r in rows_bug], series,
+                [(np.finfo(np.float64).eps, "float64 epsilon", "0.5"), (np.finfo(np.float32).eps, "float32 epsilon", "0.5"),
+                 (verify.RTOL_F64, "RTOL_F64 = 1e-9", "tab:red"), (verify.RTOL_F32, "RTOL_F32 = 1e-3", "tab:purple")],
+                "per-sublayer agreement with minencdec (float64): honest rounding, float32 islands, and a bug",
+                "max |theirs - ours| / max |ours|")
 ax.legend(fontsize=8, loc="upper left")
 fig.tight_layout()
-fig.savefig(FIG / "09_divergence.png", dpi=110)
+plots.save(fig, "11_divergence.png")
 
 # %% [markdown]
 # ## From the command line
@@ -258,4 +261,62 @@ for a in ("theirs", "ours"):
     print(f"minencdec compare {a}.safetensors ours.safetensors -> exit {codes[a]}: "
           f"{out.getvalue().splitlines()[-1]}")
 assert codes == {"theirs": 1, "ours": 0}
-print("figures:", sorted(f.name for f in FIG.glob("09_*.png")))
+
+# %% [markdown]
+# ## Exercises
+#
+# **11.1 Find the first divergence of a window rule.** Load the same checkpoint with the
+# encoder's other window rule, `load_pretrained(work / "t5gemma-nano", "float64",
+# bidirectional_window="lt")`, dump it and compare it with `ours`. Before running it:
+# which row is the first `DIFF`? Set `my_first_row` to its name. The check runs the
+# comparison; "decoder.layers.0.self_attn" (as if the decoder's causal window used the rule)
+# must fail.
+
+# %%
+my_first_row = None           # your answer: a row name, e.g. "encoder.layers.1.mlp"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+solution_first_row = "encoder.layers.0.self_attn"   # layer 0 slides (w = 4 < 10 tokens); the decoder is causal
+
+
+# %%
+def check_first_row(name):
+    lt = load_pretrained(work / "t5gemma-nano", "float64", bidirectional_window="lt")
+    rows = verify.compare_dumps(verify.dump_minencdec(lt, input_ids, decoder_input_ids=decoder_input_ids), ours)
+    first_diff = next(r.name for r in rows if r.status == "DIFF")
+    assert name == first_diff, f"the first divergence is {first_diff}"
+
+
+grade("Exercise 11.1", check_first_row, answer=my_first_row, solution=solution_first_row,
+      wrong="decoder.layers.0.self_attn")
+
+# %% [markdown]
+# **11.2 Round to bfloat16 yourself.** Write `to_bfloat16(x)` for a float32 array: the
+# nearest bfloat16 value, ties to the even one (the one whose last kept mantissa bit is 0),
+# returned as float32. The check uses numbers whose answers follow from the bit layout
+# alone: 1 + 2^-8 lies exactly halfway between 1 and the next bfloat16, 1 + 2^-7, and must
+# round to 1 (even); 1 + 3 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6 and must round up
+# to 1 + 2^-6 (even); anything past halfway rounds up. Plain truncation, keeping the top 16
+# bits, must fail.
+
+# %%
+my_to_bfloat16 = None         # your answer: a function (float32 array) -> float32 array
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+def solution_to_bfloat16(x):
+    return through_bfloat16(np.asarray(x, np.float32)).astype(np.float32)
+
+
+# %%
+def check_to_bfloat16(to_bfloat16):
+    e = 2.0 ** -8
+    cases = {1 + e: 1.0, 1 + 3 * e: 1 + 4 * e, 1 + e + 2.0 ** -20: 1 + 2 * e, -(1 + e + 2.0 ** -20): -(1 + 2 * e),
+             1 + 2 * e: 1 + 2 * e, 3.0: 3.0, 2.0 ** -130 * 3: 2.0 ** -130 * 3}
+    x = np.array(list(cases), np.float32)
+    got = np.asarray(to_bfloat16(x), np.float32)
+    assert np.array_equal(got, np.array(list(cases.values()), np.float32)), dict(zip(x.tolist(), got.tolist()))
+
+
+grade("Exercise 11.2", check_to_bfloat16, answer=my_to_bfloat16, solution=solution_to_bfloat16,
+      wrong=lambda x: (np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32))
+print("figures:", sorted(f.name for f in plots.FIG.glob("11_*.png")))

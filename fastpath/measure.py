@@ -1,7 +1,7 @@
 """How the benchmark measures: best wall time, peak memory (traced and resident), torch threads.
 
 Shared by `python -m fastpath.bench` (bench.py, bench_kernels.py, bench_model.py) and
-tutorial 8. On a shared machine absolute times drift with the load; every figure is the
+tutorial 9. On a shared machine absolute times drift with the load; every figure is the
 best of several runs after a warm-up, and only ratios taken in one run mean something.
 """
 

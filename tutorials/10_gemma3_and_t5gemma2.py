@@ -57,7 +57,8 @@ from exercises import grade
 
 from minencdec import verify
 from minencdec.io.pretrained import load_pretrained
-from minencdec.io.registry import cache_root, cached
+from minencdec.io.gguf import IMPORTED_270M, gemma3_270m_dir
+from minencdec.io.registry import cache_root
 from minencdec.io.tokenizer import train_tokenizer
 from minencdec.io.vocab import load_tokenizer, trim_vocab
 from minencdec.model.adapt import adapt_params
@@ -84,11 +85,10 @@ TEXT = ("Gemma 3 is a decoder-only language model. T5Gemma 2 adapts it into an e
         "the encoder reads the whole input with bidirectional attention, and the decoder writes the "
         "answer one token at a time while it attends, in one softmax, to its own earlier tokens and to "
         "the encoder's output. Both halves start as copies of the same pretrained weights.")
-REAL = cache_root() / "gemma3-270m-imported"
+REAL = cache_root() / IMPORTED_270M                 # where gemma3_270m_dir() keeps it
 use_real = os.environ.get("MINENCDEC_REAL_MODEL") == "1" or (not QUICK and (REAL / "config.json").is_file())
 if use_real:
-    from minencdec.io.gguf import fetch_gemma3_270m
-    source_dir = cached("gemma3-270m-imported", lambda folder, scratch: fetch_gemma3_270m(folder))
+    source_dir = gemma3_270m_dir()                  # fetched and imported once, then cached
     g3 = load_pretrained(source_dir)
     print("the real Gemma 3 270M, from", source_dir)
 else:

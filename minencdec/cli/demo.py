@@ -18,19 +18,13 @@ from pathlib import Path
 from minencdec.experiments import pipeline
 from minencdec.experiments.datasets import demo_corpora, drug_reviews
 from minencdec.experiments.report import write_report
-from minencdec.io.gguf import fetch_gemma3_270m
-from minencdec.io.registry import cached
+from minencdec.io.gguf import gemma3_270m_dir
 from minencdec.model.backend import prepare
 from minencdec.training.data import shakespeare_texts
 from minencdec.training.rundir import locked
 
 from . import demo_tiny
 from .options import add_backend_argument, non_negative_int, positive_int
-
-
-def gemma3_270m() -> Path:
-    """The imported Gemma 3 270M directory, made once in the cache."""
-    return cached("gemma3-270m-imported", lambda folder, scratch: fetch_gemma3_270m(folder))
 
 
 def cmd_demo(args):
@@ -40,7 +34,7 @@ def cmd_demo(args):
     run = Path(args.out)
     t0 = time.monotonic()
     with locked(run):
-        source = Path(args.source) if args.source else gemma3_270m()
+        source = Path(args.source) if args.source else gemma3_270m_dir()
         corpora = demo_corpora(shakespeare_texts(), drug_reviews(seed=args.seed), seed=args.seed)
         budget = pipeline.QUICK if args.quick else pipeline.Budget()
         budget = pipeline.Budget(**{**budget.__dict__, "seed": args.seed})

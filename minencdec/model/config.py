@@ -32,6 +32,10 @@ WINDOW_RULES = ("le", "lt", "t5gemma2")
 # the family's own (transformers ignores the field and applies "le" to T5Gemma, "t5gemma2" to
 # T5Gemma 2: a checkpoint without it means what transformers does).
 WINDOW_FIELD = "minencdec_bidirectional_window"
+# An encoder that keeps the causal mask (the causal-encoder ablation), in an encoder-decoder's
+# config.json: written only when true. transformers ignores the field and would run the
+# encoder bidirectionally, so such a checkpoint is minencdec's to run.
+CAUSAL_ENCODER_FIELD = "minencdec_causal_encoder"
 # The smallest SigLIP vision tower transformers builds for a T5Gemma 2 (see T5GemmaConfig.to_hf_dict).
 TINY_VISION = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
                "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
@@ -84,6 +88,10 @@ class GemmaConfig:
     # None: the family's rule ("le" for Gemma 2 stacks, "t5gemma2" for Gemma 3 stacks).
     # An encoder-decoder's config.json stores another rule as WINDOW_FIELD.
     bidirectional_window: str | None = None
+    # Encoder only, an ablation (paper: a causal encoder scores about 4 points lower): True
+    # keeps the causal mask of the decoder-only source in the encoder (t5gemma.encoder_masks).
+    # Not a Hugging Face field: config.json stores it as CAUSAL_ENCODER_FIELD.
+    causal_encoder: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -151,7 +159,8 @@ class GemmaConfig:
         model_type = model_type or ("gemma3_text" if self.family == "gemma3" else "gemma2")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["layer_types"] = list(self.layer_types)
-        for ours in ("bidirectional_window", "family", "rope_local_base_freq", "rope_scaling_factor"):
+        for ours in ("bidirectional_window", "family", "rope_local_base_freq", "rope_scaling_factor",
+                     "causal_encoder"):
             del d[ours]
         if model_type in ("gemma2", "gemma3_text") or self.family == "gemma3":
             del d["is_decoder"], d["cross_attention_hidden_size"]
@@ -183,7 +192,8 @@ class GemmaConfig:
         if d.get("tie_word_embeddings") is False:
             raise ValueError(f"{source}: tie_word_embeddings=false (an LM head of its own) is not supported: "
                              "Gemma ties the head to the embedding")
-        known = {f.name for f in dataclasses.fields(cls)} - {"family", "bidirectional_window", "rope_scaling_factor"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"family", "bidirectional_window", "rope_scaling_factor",
+                                                             "causal_encoder"}
         nullable = {"sliding_window", "attn_logit_softcapping", "final_logit_softcapping"}
         kwargs = {k: v for k, v in d.items() if k in known and (v is not None or k in nullable)}
         if isinstance(kwargs.get("eos_token_id"), list) and kwargs["eos_token_id"]:
@@ -290,6 +300,8 @@ def _check_types(c: GemmaConfig):
     if c.cross_attention_hidden_size is not None and (not is_int(c.cross_attention_hidden_size)
                                                       or c.cross_attention_hidden_size <= 0):
         fail("cross_attention_hidden_size", c.cross_attention_hidden_size, "a positive integer or null")
+    if not isinstance(c.causal_encoder, bool):
+        fail("causal_encoder", c.causal_encoder, "true or false")
 
 
 @dataclass(frozen=True)
@@ -303,7 +315,8 @@ class T5GemmaConfig:
 
     def __post_init__(self):
         enc = self.encoder.replace(is_decoder=False, cross_attention_hidden_size=None)
-        dec = self.decoder.replace(is_decoder=True, cross_attention_hidden_size=self.encoder.hidden_size)
+        dec = self.decoder.replace(is_decoder=True, cross_attention_hidden_size=self.encoder.hidden_size,
+                                   causal_encoder=False)                   # a decoder is causal anyway
         object.__setattr__(self, "encoder", enc)
         object.__setattr__(self, "decoder", dec)
         if enc.vocab_size != dec.vocab_size:
@@ -330,6 +343,8 @@ class T5GemmaConfig:
                "dropout_rate": 0.0, "attention_dropout": 0.0, "classifier_dropout_rate": 0.0}
         if enc.bidirectional_window != _default_rule(enc.family):
             top[WINDOW_FIELD] = enc.bidirectional_window     # minencdec's own; transformers ignores it
+        if enc.causal_encoder:
+            top[CAUSAL_ENCODER_FIELD] = True                 # the same: transformers cannot run it
         if self.family == "t5gemma":
             return {"model_type": "t5gemma", "architectures": ["T5GemmaForConditionalGeneration"],
                     "encoder": enc.to_hf_dict("t5_gemma_module"), "decoder": dec.to_hf_dict("t5_gemma_module"), **top}
@@ -356,8 +371,12 @@ class T5GemmaConfig:
         rule = d.get(WINDOW_FIELD)
         if rule is not None and rule not in WINDOW_RULES:
             raise ValueError(f"{source}: {WINDOW_FIELD} must be one of {WINDOW_RULES}, got {rule!r}")
+        causal = False if d.get(CAUSAL_ENCODER_FIELD) is None else d[CAUSAL_ENCODER_FIELD]
+        if not isinstance(causal, bool):
+            raise ValueError(f"{source}: {CAUSAL_ENCODER_FIELD} must be true or false, got {causal!r}")
         if d.get("model_type") != "t5gemma2":
-            return cls(GemmaConfig.from_hf_dict(d["encoder"], f"{source} [encoder]").replace(bidirectional_window=rule),
+            return cls(GemmaConfig.from_hf_dict(d["encoder"], f"{source} [encoder]")
+                       .replace(bidirectional_window=rule, causal_encoder=causal),
                        GemmaConfig.from_hf_dict(d["decoder"], f"{source} [decoder]"))
         text = d["encoder"].get("text_config")
         if not isinstance(text, dict):
@@ -365,7 +384,7 @@ class T5GemmaConfig:
         eoi = d.get("eoi_token_index", d["encoder"].get("eoi_token_index"))
         try:
             return cls(GemmaConfig.from_hf_dict(text, f"{source} [encoder.text_config]", "gemma3")
-                       .replace(bidirectional_window=rule),
+                       .replace(bidirectional_window=rule, causal_encoder=causal),
                        GemmaConfig.from_hf_dict(d["decoder"], f"{source} [decoder]", "gemma3"),
                        eoi_token_index=256_000 if eoi is None else eoi)
         except ValueError as e:

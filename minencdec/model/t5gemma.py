@@ -96,7 +96,10 @@ def shift_right(labels, bos_id, pad_id):
 def encoder_masks(c: GemmaConfig, attention_mask):
     """One bidirectional mask per encoder layer (config `c`; an attention.Mask, whose
     `.dense(S, S)` is the (B, S, S) array): sliding layers see |i - j| within the window
-    (c.bidirectional_window's rule), padded keys hidden."""
+    (c.bidirectional_window's rule), padded keys hidden. With `c.causal_encoder` (the
+    causal-encoder ablation) the encoder keeps its decoder-only source's masks instead."""
+    if c.causal_encoder:
+        return decoder_masks(c, attention_mask)
     return [Mask(causal=False, window=c.window(i), rule=c.bidirectional_window, key_mask=attention_mask)
             for i in range(c.num_hidden_layers)]
 

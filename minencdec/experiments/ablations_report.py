@@ -17,7 +17,8 @@ from .ablations_scores import METRICS
 from .report import _fmt, _metrics
 
 VERDICT = {"agrees": "**agrees** with the paper", "against": "goes **against** the paper",
-           "unresolved": "**cannot tell**: the interval holds 0"}
+           "unresolved": "**cannot tell**: the interval holds 0",
+           "negligible": "**shows no effect**: the whole interval is within a negligible distance of 0"}
 MODELS = {"small": "small (decoder-only)", "large": "large (decoder-only)"}
 
 

@@ -9,7 +9,10 @@ A claim compares two arms on the same test examples. Its difference is oriented 
 positive value is what the paper reports (lower NLL, higher accuracy or chrF for the arm the
 paper favours), with a 95% paired bootstrap interval over the test examples (metrics.py), for
 each seed and for the per-example scores averaged over the seeds. The verdict reads that
-last interval: "agrees" when it lies above 0, "against" when below, else "unresolved".
+last interval: "agrees" when it lies above 0, "against" when below, else "unresolved"; and
+"negligible" when the whole interval lies within NEGLIGIBLE of 0 (a difference too small to
+matter at any scale: a causal and a bidirectional encoder can differ by 1e-4 nats and still
+exclude 0 when thousands of test tokens pair up).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ METRICS = {"prefix_nll": ("held-out PrefixLM NLL (nats/token)", -1),
            "play_accuracy": ("which-play accuracy", +1)}
 _PER_EXAMPLE = {"prefix_nll": "prefix_nll", "next_line_nll": "next_line_nll", "chrf": "chrf",
                 "review_accuracy": "reviews_correct", "play_accuracy": "plays_correct"}
+# Differences smaller than these are no effect, whatever their interval (fixed before any run).
+NEGLIGIBLE = {"prefix_nll": 0.005, "next_line_nll": 0.005, "chrf": 0.5,
+              "review_accuracy": 0.005, "play_accuracy": 0.005}
 # A claim reads every metric of its kind (fixed before any run, so none is picked by its result).
 GENERATION = ("prefix_nll", "next_line_nll", "chrf")
 CLASSIFICATION = ("play_accuracy", "review_accuracy")
@@ -209,6 +215,14 @@ def _oriented(a, b, sign):
     return (d, lo, hi) if sign > 0 else (-d, -hi, -lo)
 
 
+def verdict_of(interval, negligible) -> str:
+    """The verdict on an oriented (difference, low, high): see the module docstring."""
+    _, lo, hi = interval
+    if max(abs(lo), abs(hi)) < negligible:
+        return "negligible"
+    return "agrees" if lo > 0 else "against" if hi < 0 else "unresolved"
+
+
 def claims(scores: dict, seeds) -> list[dict]:
     out = []
     for claim in CLAIMS:
@@ -223,7 +237,7 @@ def claims(scores: dict, seeds) -> list[dict]:
             a = np.mean([scores[str(s)][claim.better][key] for s in seeds], axis=0)
             b = np.mean([scores[str(s)][claim.worse][key] for s in seeds], axis=0)
             pooled = _oriented(a, b, sign)
-            verdict = "agrees" if pooled[1] > 0 else "against" if pooled[2] < 0 else "unresolved"
+            verdict = verdict_of(pooled, NEGLIGIBLE[metric])
             rows.append({"metric": metric, "per_seed": per_seed, "pooled": pooled, "verdict": verdict,
                          "seeds_same_sign": len({np.sign(v["advantage"][0]) for v in per_seed.values()}) == 1})
         out.append({**asdict(claim), "results": rows})

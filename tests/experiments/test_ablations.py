@@ -155,7 +155,9 @@ def test_claims_are_the_means_of_the_per_example_scores(finished):
             value, lo, hi = row["pooled"]
             assert np.isclose(value, sign * (a - b), atol=1e-12)
             assert lo <= value <= hi
-            assert row["verdict"] == ("agrees" if lo > 0 else "against" if hi < 0 else "unresolved")
+            small = max(abs(lo), abs(hi)) < S.NEGLIGIBLE[row["metric"]]
+            assert row["verdict"] == ("negligible" if small else "agrees" if lo > 0 else "against" if hi < 0
+                                      else "unresolved")
             for s, v in row["per_seed"].items():
                 assert np.isclose(v["advantage"][0], sign * (v["better"] - v["worse"]), atol=1e-12)
 
@@ -172,7 +174,17 @@ def test_a_verdict_follows_its_interval():
     worse_ul2 = run_claims(0.5)["kd-generates"]             # UL2's NLL higher by 0.5: as the paper says
     assert worse_ul2["verdict"] == "agrees" and np.isclose(worse_ul2["pooled"][0], 0.5)
     assert run_claims(-0.5)["kd-generates"]["verdict"] == "against"
-    assert run_claims(0.0)["kd-generates"]["verdict"] == "unresolved"
+    assert run_claims(0.0)["kd-generates"]["verdict"] == "negligible"
+    assert run_claims(0.001)["kd-generates"]["verdict"] == "negligible"   # excludes 0, too small to matter
+    assert run_claims(0.02)["kd-generates"]["verdict"] == "agrees"
+
+
+def test_an_interval_holding_0_is_unresolved():
+    """Scores whose paired differences scatter around 0 by far more than the negligible distance."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 200), rng.normal(0, 1, 200)
+    interval = S._oriented(a, b, -1)
+    assert interval[1] < 0 < interval[2] and S.verdict_of(interval, 0.005) == "unresolved"
 
 
 def test_a_next_line_is_the_first_line_with_text(finished):

@@ -20,7 +20,10 @@ it, and uses rowsum(dp * p) = rowsum(do * o) = delta (one number per query row):
     dv += p^T do;  dp = do v^T;  ds = p (dp - delta) (1 - tanh^2) scale
     dk += ds^T q;  dq += ds k
 
-Memory is O(T + S) per head (the tiles and lse), against O(T S) for the reference.
+Memory is O(T + S) per head (the tiles and lse), against O(T S) for the reference. At the
+lengths of a training step the models hand the call to dense.py instead (the scores as BLAS
+products, 2-5x faster there): method="auto", which the backend switch passes, chooses by size
+(dense.choose).
 
 The mask description (the fields of `minencdec.model.attention.Mask`): query i sits at
 position q_offset + i, own key j at position j.
@@ -58,23 +61,16 @@ from typing import NamedTuple
 import numpy as np
 from minencdec.model import attention as reference
 
+from . import dense
 from .jit import kernel, lanes, run_lanes
-from .masks import _check_description, _check_shapes, _key_validity, visible_intervals
+from .masks import _check_description, _check_shapes, _dense_validity, _key_validity, _tile_bounds, _tiled_pairs
+from .masks import visible_intervals
 from .masks import dense_mask  # noqa: F401  (public here: the tests and the benchmark use it)
 from .mathfn import exp, tanh
 from .tiles import _round4, _transpose_tiles, _untile, mm_nn, mm_tn, tile_keys, tile_rows, untile_keys
 
 BLOCK = 64          # default BQ and BK: a 64 x 64 float32 score tile is 16 KiB, half of L1
 _DTYPES = (np.float32, np.float64)
-
-def _tile_bounds(lo, hi, S, n_tiles, tile):
-    """Per query tile, the smallest lo and largest hi over its rows that see any own key
-    (S and -1 for a tile whose rows see none; S = the number of own keys)."""
-    seen = lo <= hi
-    pad = n_tiles * tile - len(lo)
-    lo_s = np.concatenate([np.where(seen, lo, S), np.full(pad, S, np.int64)])
-    hi_s = np.concatenate([np.where(seen, hi, -1), np.full(pad, -1, np.int64)])
-    return lo_s.reshape(n_tiles, tile).min(axis=1), hi_s.reshape(n_tiles, tile).max(axis=1)
 
 # ---------------------------------------------------------------------------- kernels
 
@@ -327,32 +323,48 @@ def _covered(*arrays):
     return dt in _DTYPES and all(a.dtype == dt for a in arrays)
 
 
+METHODS = ("auto", "dense", "tiled")
+
+
 def attention_forward(q, k, v, scale, cap=None, causal=False, window=None, rule="le",
-                      key_mask=None, q_offset=0, extra_keys=0, extra_key_mask=None, block=(BLOCK, BLOCK)):
+                      key_mask=None, q_offset=0, extra_keys=0, extra_key_mask=None, block=None, method="tiled",
+                      out=None):
     """softmax(softcap(q k^T * scale) masked) v, masked by a description (module notes).
 
     q (B, H, T, Dh), k and v (B, K, S, Dh) with H a multiple of K; key_mask (B, S - extra_keys)
     or None; extra_key_mask (B, extra_keys) or None. Returns o (B, H, T, Dh) and the cache
-    for `attention_backward`. `block` = (BQ, BK), the tile sizes (rounded up to multiples of
-    4; the tests use small ones). Arrays that are not all float32 or all float64 go to the
-    reference with a dense mask."""
+    for `attention_backward`. method: "tiled" (this module's kernel), "dense" (the scores as
+    BLAS products, fastpath/dense.py) or "auto" (dense.choose decides by size; the backend
+    switch asks for it). `block` = (BQ, BK), the tile sizes (default 64, 64; rounded up to
+    multiples of 4; the tests use small ones). out: an optional (B, H, T, Dh) array, in any
+    layout, that receives o (the dense path writes into it directly: a view of merged heads
+    saves a copy). Arrays that are not all float32 or all float64 go to the reference with a
+    dense mask."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     _check_description(causal, window, rule, q_offset, extra_keys)
     _check_shapes(q, k, v, key_mask, extra_keys, extra_key_mask)
     if cap is not None and not cap > 0:
         raise ValueError(f"cap must be None or > 0, got {cap!r}")
+    if method not in METHODS:
+        raise ValueError(f"attention: method must be one of {METHODS}, got {method!r}")
     B, H, T, Dh = q.shape
     S, E = k.shape[2], int(extra_keys)
     n = S - E                                                 # own keys, then E extra keys
     if not _covered(q, k, v):
         mask = dense_mask(T, S, causal, window, rule, key_mask, q_offset, E, extra_key_mask)
         o, c = reference.attention_forward(q, k, v, mask, scale, cap)
-        return o, ("reference", c)
+        return _into(out, o), ("reference", c)
     dt = q.dtype.type
+    lo, hi = visible_intervals(T, n, causal, window, rule, int(q_offset))
+    if method == "auto":
+        method = dense.choose(B, H, T, S, q.itemsize, _tiled_pairs(lo, hi, n, E))
+    if method == "dense":
+        return dense.attention_forward(q, k, v, scale, cap, _dense_validity(B, n, E, key_mask, extra_key_mask),
+                                       lo, hi, n, out)
+    block = block or (BLOCK, BLOCK)
     BQ, BK = min(_round4(block[0]), _round4(T)), min(_round4(block[1]), _round4(max(n, E)))
     Dp, nqt, xt = _round4(Dh), -(-T // BQ), -(-n // BK)
     nkt = xt + -(-E // BK)
-    lo, hi = visible_intervals(T, n, causal, window, rule, int(q_offset))
     tlo, thi = _tile_bounds(lo, hi, n, nqt, BQ)
     kvalid, ktile = _key_validity(B, n, E, xt, nkt, BK, key_mask, extra_key_mask)
     Qt = tile_rows(q, nqt, BQ, Dp)                            # (B, H, nqt, BQ, Dp)
@@ -363,11 +375,20 @@ def attention_forward(q, k, v, scale, cap=None, causal=False, window=None, rule=
     cap_ = dt(0 if cap is None else cap)
     run_lanes(_forward_lane, lanes(B * H * nqt), Qt, KT, Vt, kvalid, ktile, lo, hi, tlo, thi, xt, T, dt(scale),
               cap_, _consts(dt), o, lse)
-    return o, FlashCache(Qt, KT, Vt, o, lse, kvalid, ktile, lo, hi, tlo, thi, S, n, xt, scale, float(cap_))
+    return _into(out, o), FlashCache(Qt, KT, Vt, o, lse, kvalid, ktile, lo, hi, tlo, thi, S, n, xt, scale, float(cap_))
+
+
+def _into(out, o):
+    if out is None:
+        return o
+    out[...] = o
+    return out
 
 
 def attention_backward(do, cache):
     """dq (B, H, T, Dh), dk, dv (B, K, S, Dh) from do (B, H, T, Dh)."""
+    if isinstance(cache, dense.DenseCache):
+        return dense.attention_backward(do, cache)
     if not isinstance(cache, FlashCache):                     # ("reference", cache): a fallback
         return reference.attention_backward(do, cache[1])
     c = cache

@@ -1,7 +1,7 @@
 """One benchmark run: the NumPy reference, the fast path and PyTorch CPU on the same work.
 
-    python -m fastpath.bench            # the full run (T up to 4096; 5-15 minutes here)
-    python -m fastpath.bench --quick    # T up to 1024, fewer repeats (about a minute)
+    python -m fastpath.bench            # the full run (T up to 4096; about 20 minutes here)
+    python -m fastpath.bench --quick    # shorter lengths and steps, fewer repeats (a few minutes)
     python -m fastpath.bench --json results.json      (default: runs/fastpath_bench.json)
 
 On a shared machine absolute times drift by 2-8x with the load (the load average is
@@ -25,8 +25,12 @@ bench_kernels.py, the whole-model ones in bench_model.py, the measuring in measu
   lm_head        LM head + softcap 30 + cross-entropy, forward + backward, N = 2048, V = 8192, D = 512
   threads        a BLAS matmul followed by the fast attention: sum of parts vs back to back,
                  with OpenBLAS's default thread timeout and with OPENBLAS_THREAD_TIMEOUT=4
-  train_step     T5Gemma Small (8+8 layers, width 512, vocab 8192), batch 8 x 256/256
-  generate       greedy, 128 new tokens from 256 input tokens, batch 1, and the memory floor
+  model          bench_model.py: train_step (T5Gemma Small, batch 8 x 256/256),
+                 train_step_t5gemma2_270m (T5Gemma 2 270M-270M, batch 4 x (256 + 128), with
+                 AdamW, in worker processes), generate (Small, greedy, 128 new tokens from
+                 256, batch 1, and the memory floor), generate_t5gemma2_270m, generate_batched
+                 (Small, 8 prompts at once); `--only model` runs them all, `--only
+                 train_step generate` some
 Memory: tracemalloc peak of the NumPy and Numba allocations (Numba's runtime allocates
 through PyMem_RawMalloc, so a kernel's own scratch is traced too), and for all three the
 growth of the process's peak resident memory (VmHWM, reset before each run through
@@ -55,10 +59,13 @@ def machine():
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())
     torch = _torch()
+    from threadpoolctl import threadpool_info
+    blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas" and "numpy" in lib["filepath"]), {})
     info = {"cpu": model, "cores": os.cpu_count(), "threads": lanes(1 << 30), "python": platform.python_version(),
             "numpy": np.__version__, "numba": __import__("numba").__version__,
             "torch": torch.__version__ if torch else None, "torch_threads": torch.get_num_threads() if torch else None,
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "blas": {k: blas.get(k) for k in ("internal_api", "version", "architecture")},
+            "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}}
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -67,6 +74,11 @@ def machine():
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads for Numba and torch; "
           f"numpy {info['numpy']}, numba {info['numba']}, torch {info['torch']}, transformers {info['transformers']}; "
           f"load average {info['load_average'][0]:.2f}")
+    print(f"  NumPy's BLAS: {blas.get('internal_api')} {blas.get('version')}, kernels for {blas.get('architecture')}"
+          + "".join(f"; {k}={v}" for k, v in info["openblas_env"].items()))
+    if "OPENBLAS_CORETYPE" in os.environ:
+        print("  (OPENBLAS_CORETYPE chooses OpenBLAS's kernels instead of its detection: every float32 product of the "
+              "reference and the fast path runs on them, torch's do not)")
     return info
 
 
@@ -100,7 +112,8 @@ def main(argv=None):
                    help="where to write the results (default runs/fastpath_bench.json; runs/ is git-ignored)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="threads for BLAS, the Numba kernels and torch alike (default: every core)")
-    p.add_argument("--only", nargs="*", help="run only these sections")
+    p.add_argument("--only", nargs="*", help="run only these sections (machine always): blas attention merged decode "
+                   "rmsnorm lm_head threads model, or model sections: " + " ".join(bench_model.SECTIONS))
     args = p.parse_args(argv)
     import numba
     from threadpoolctl import threadpool_limits
@@ -118,10 +131,12 @@ def _run(args):
                     bench_kernels.lm_head, bench_kernels.threads):
         if not args.only or section.__name__ in args.only:
             results[section.__name__] = section(args.quick)
-    if not args.only or "model" in args.only:
+    model_only = [s for s in (args.only or []) if s in bench_model.SECTIONS]
+    if not args.only or "model" in args.only or model_only:
         results["model"] = bench_model.model_sections(args.quick, _torch(),
                                                       results.get("blas", {}).get("peak_gflops", float("nan")),
-                                                      lanes(1 << 30), 2 if args.quick else 3, peak_rss_growth)
+                                                      lanes(1 << 30), 2 if args.quick else 3, peak_rss_growth,
+                                                      model_only)
     results["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {results['load_average_end'][0]:.2f} (start {results['machine']['load_average'][0]:.2f})")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -19,6 +19,7 @@ from minencdec.model import layers as ref_layers
 from minencdec.model import losses as ref_losses
 
 from . import attention as fast_attention
+from . import dense as fast_dense
 from . import decode as fast_decode
 from . import lmhead as fast_lmhead
 from . import norm as fast_norm
@@ -50,8 +51,9 @@ def attention(quick):
     lengths = [128, 256, 512, 1024] if quick else [128, 256, 512, 1024, 2048, 4096]
     repeat = 2 if quick else 3
     print(f"\nattention forward+backward, B={B} H={H} Dh={Dh} float32, softcap {cap}; "
-          f"torch = {torch_name}\n  {'mask':15s} {'T':>5s} | {'time s: numpy':>13s} {'fast':>7s} {'torch':>7s} | "
-          f"{'fast vs numpy':>13s} {'vs torch':>8s} {'(thr)':>5s} | {'GFLOP/s fast':>12s} | "
+          f"torch = {torch_name}; fast = what the models run (method=\"auto\": dense or tiled), tiled = the "
+          f"tiled kernel alone\n  {'mask':20s} {'T':>5s} | {'time s: numpy':>13s} {'fast':>7s} {'tiled':>7s} "
+          f"{'torch':>7s} | {'fast vs numpy':>13s} {'vs torch':>8s} {'(thr)':>5s} | {'GFLOP/s fast':>12s} | "
           f"{'peak MiB (tracemalloc): numpy':>29s} {'fast':>7s} | {'peak RSS MiB: numpy':>19s} {'fast':>7s} {'torch':>7s}")
     rows = []
     for window in (None, 256):
@@ -65,13 +67,16 @@ def attention(quick):
                 o, c = ref_attention.attention_forward(q, k, v, mask, scale, cap)
                 return ref_attention.attention_backward(do, c)
 
-            def run_fast():
-                o, c = fast_attention.attention_forward(q, k, v, scale, cap, causal=True, window=window)
+            def run_fast(method="auto"):
+                o, c = fast_attention.attention_forward(q, k, v, scale, cap, causal=True, window=window, method=method)
                 return fast_attention.attention_backward(do, c)
 
             row = {"T": T, "window": window, "useful_gflop": useful / 1e9}
-            row["numpy_s"] = best_time(run_ref, 1 if T >= 2048 else repeat)
+            row["method"] = fast_dense.choose(B, H, T, T, 4, fast_attention._tiled_pairs(
+                *fast_attention.visible_intervals(T, T, True, window), T, 0))
+            row["numpy_s"] = best_time(run_ref, 1 if T >= 2048 else repeat, warmup=T < 2048)
             row["fast_s"] = best_time(run_fast, repeat)
+            row["tiled_s"] = row["fast_s"] if row["method"] == "tiled" else best_time(lambda: run_fast("tiled"), repeat)
             row["numpy_traced"], row["fast_traced"] = traced_peak(run_ref), traced_peak(run_fast)
             row["numpy_rss"], row["fast_rss"] = peak_rss_growth(run_ref), peak_rss_growth(run_fast)
             row["torch_s"] = row["torch_rss"] = None
@@ -90,8 +95,10 @@ def attention(quick):
                 row["torch_rss"] = peak_rss_growth(run_torch)
             rows.append(row)
             r_torch = row["torch_s"] / row["fast_s"] if row["torch_s"] else float("nan")
-            print(f"  {'causal' if window is None else f'causal w={window}':15s} {T:5d} | {row['numpy_s']:13.3f} "
-                  f"{row['fast_s']:7.3f} {row['torch_s'] or float('nan'):7.3f} | {row['numpy_s'] / row['fast_s']:12.1f}x "
+            label = ('causal' if window is None else f'causal w={window}') + f" ({row['method']})"
+            print(f"  {label:20s} {T:5d} | {row['numpy_s']:13.3f} "
+                  f"{row['fast_s']:7.3f} {row['tiled_s']:7.3f} {row['torch_s'] or float('nan'):7.3f} | "
+                  f"{row['numpy_s'] / row['fast_s']:12.1f}x "
                   f"{r_torch:7.1f}x {row.get('torch_threads', 0):5d} | {useful / row['fast_s'] / 1e9:12.1f} | {_mib(row['numpy_traced']):>29s} "
                   f"{_mib(row['fast_traced'])} | {_mib(row['numpy_rss']):>19s} {_mib(row['fast_rss'])} "
                   f"{_mib(row['torch_rss'])}")
@@ -124,10 +131,11 @@ def merged(quick):
                 return ref_attention.attention_backward(do, c)
 
             def run_fast():
-                o, c = fast_attention.attention_forward(q, k, v, scale, None, **desc)
+                o, c = fast_attention.attention_forward(q, k, v, scale, None, method="auto", **desc)
                 return fast_attention.attention_backward(do, c)
 
-            row = {"T": T, "S": T, "window": window, "numpy_s": best_time(run_ref, 1 if T >= 2048 else repeat),
+            row = {"T": T, "S": T, "window": window,           # (the reference needs no warm-up at long T)
+                   "numpy_s": best_time(run_ref, 1 if T >= 2048 else repeat, warmup=T < 2048),
                    "fast_s": best_time(run_fast, repeat), "numpy_traced": traced_peak(run_ref),
                    "fast_traced": traced_peak(run_fast), "scores_bytes": H * T * 2 * T * 4}
             rows.append(row)

@@ -87,3 +87,32 @@ def _key_validity(B, n_own, E, xt, n_tiles, tile, key_mask, extra_key_mask):
     kvalid[:, xt * tile:xt * tile + E] = True if extra_key_mask is None else (np.asarray(extra_key_mask) != 0)
     tiles = kvalid.reshape(B, n_tiles, tile)
     return kvalid, tiles.any(axis=2).astype(np.int8) + tiles.all(axis=2)
+
+
+def _tiled_pairs(lo, hi, n_own, E, tile=64):
+    """(query, key) pairs in the tiles the tiled kernel would visit, per (batch, head), with
+    the default tiles and no padding: what `dense.choose` weighs the dense path against."""
+    nqt = -(-len(lo) // tile)
+    tlo, thi = _tile_bounds(lo, hi, n_own, nqt, tile)
+    own = np.maximum(thi // tile - tlo // tile + 1, 0)
+    return int(own.sum() + nqt * -(-E // tile)) * tile * tile
+
+
+def _dense_validity(B, n_own, E, key_mask, extra_key_mask):
+    """(B, S) bool: False on a padded key (own keys, then extra keys), as the dense path reads it."""
+    kvalid = np.ones((B, n_own + E), dtype=bool)
+    if key_mask is not None:
+        kvalid[:, :n_own] = np.asarray(key_mask) != 0
+    if extra_key_mask is not None:
+        kvalid[:, n_own:] = np.asarray(extra_key_mask) != 0
+    return kvalid
+
+
+def _tile_bounds(lo, hi, S, n_tiles, tile):
+    """Per query tile, the smallest lo and largest hi over its rows that see any own key
+    (S and -1 for a tile whose rows see none; S = the number of own keys)."""
+    seen = lo <= hi
+    pad = n_tiles * tile - len(lo)
+    lo_s = np.concatenate([np.where(seen, lo, S), np.full(pad, S, np.int64)])
+    hi_s = np.concatenate([np.where(seen, hi, -1), np.full(pad, -1, np.int64)])
+    return lo_s.reshape(n_tiles, tile).min(axis=1), hi_s.reshape(n_tiles, tile).max(axis=1)

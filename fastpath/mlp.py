@@ -2,7 +2,7 @@
 
 Same signatures as `minencdec.model.layers.mlp_forward/backward`:
 
-    g = x Wg^T,  u = x Wu^T                              (N, F)  BLAS
+    [g u] = x [Wg; Wu]^T                                 (N, 2F) one BLAS call
     h = gelu_tanh(g) * u                                 (N, F)  one pass here
     y = h Wd^T                                           (N, D)  BLAS
 
@@ -15,9 +15,12 @@ and writes h; the backward reads dh, g and u once, recomputes tanh, and writes d
     du = dh a
     dg = dh u (0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 0.044715 g^2))
 
-The three matrix products stay single BLAS calls: fusing the epilogue into the product
-would mean writing our own GEMM, and OpenBLAS's reaches the machine's peak already
-(`python -m fastpath.bench`, section blas). Measured in the "mlp" section of the bench.
+The gate and up projections are one product against the two weights stacked (copied per
+call: F D numbers, far less than the product's work), so the backward's dx is one product
+too, [dg du] [Wg; Wu], with no sum of two (N, D) arrays, and [dWg; dWu] = [dg du]^T x one
+more. The products stay BLAS calls: fusing the epilogue into the product would mean
+writing our own GEMM, and OpenBLAS's reaches the machine's peak already (`python -m
+fastpath.bench`, section blas).
 
 Axes: N rows (every leading axis), D width, F hidden width.
 """
@@ -37,45 +40,50 @@ _K = 0.044715
 
 
 @kernel
-def _geglu_forward_lane(lane, n_lanes, g, u, c, k, half, one, h):
-    N, F = g.shape
+def _geglu_forward_lane(lane, n_lanes, gu, c, k, half, one, h):
+    """h = gelu_tanh(g) u for the rows of this lane; gu (N, 2F) holds [g u]."""
+    N, F = h.shape
     for i in range(lane, N, n_lanes):
+        g, u, hr = gu[i, :F], gu[i, F:], h[i]                # row slices: loops from 0 (dense.py)
         for j in range(F):
-            x = g[i, j]
+            x = g[j]
             t = tanh(c * (x + k * x * x * x))
-            h[i, j] = half * x * (one + t) * u[i, j]
+            hr[j] = half * x * (one + t) * u[j]
 
 
 @kernel
-def _geglu_backward_lane(lane, n_lanes, dh, g, u, c, k, half, one, three, dg, du):
-    N, F = g.shape
+def _geglu_backward_lane(lane, n_lanes, dh, gu, c, k, half, one, three, dgu):
+    """[dg du] (N, 2F) from dh (N, F) and the forward's [g u]."""
+    N, F = dh.shape
     for i in range(lane, N, n_lanes):
+        g, u, dg, du, dr = gu[i, :F], gu[i, F:], dgu[i, :F], dgu[i, F:], dh[i]
         for j in range(F):
-            x = g[i, j]
+            x = g[j]
             t = tanh(c * (x + k * x * x * x))
-            d = dh[i, j]
-            du[i, j] = d * half * x * (one + t)
-            dg[i, j] = d * u[i, j] * (half * (one + t) + half * x * (one - t * t) * c * (one + three * k * x * x))
+            d = dr[j]
+            du[j] = d * half * x * (one + t)
+            dg[j] = d * u[j] * (half * (one + t) + half * x * (one - t * t) * c * (one + three * k * x * x))
 
 
 def _consts(dt):
     return dt(_C), dt(_K), dt(0.5), dt(1)
 
 
-def geglu_forward(g, u):
-    """h = gelu_tanh(g) * u for g, u (N, F) C-contiguous, one float dtype."""
-    h = np.empty_like(g)
-    run_lanes(_geglu_forward_lane, lanes(g.shape[0]), g, u, *_consts(g.dtype.type), h)
+def geglu_forward(gu):
+    """h = gelu_tanh(g) * u (N, F) for gu = [g u] (N, 2F) C-contiguous, one float dtype."""
+    N, F2 = gu.shape
+    h = np.empty((N, F2 // 2), gu.dtype)
+    run_lanes(_geglu_forward_lane, lanes(N), gu, *_consts(gu.dtype.type), h)
     return h
 
 
-def geglu_backward(dh, g, u):
-    """dg, du (N, F) from dh (N, F) and the forward's g, u."""
-    dg, du = np.empty_like(g), np.empty_like(g)
-    dt = g.dtype.type
-    run_lanes(_geglu_backward_lane, lanes(g.shape[0]), np.ascontiguousarray(dh, g.dtype), g, u,
-              *_consts(dt), dt(3), dg, du)
-    return dg, du
+def geglu_backward(dh, gu):
+    """[dg du] (N, 2F) from dh (N, F) and the forward's gu = [g u]."""
+    dgu = np.empty_like(gu)
+    dt = gu.dtype.type
+    run_lanes(_geglu_backward_lane, lanes(gu.shape[0]), np.ascontiguousarray(dh, gu.dtype), gu,
+              *_consts(dt), dt(3), dgu)
+    return dgu
 
 
 def _covered(x, *ws):
@@ -89,22 +97,25 @@ def mlp_forward(x, w_gate, w_up, w_down):
         return reference.mlp_forward(x, w_gate, w_up, w_down)
     lead, D = x.shape[:-1], x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, D)                   # (N, D)
-    g = x2 @ w_gate.T                                             # (N, F)
-    u = x2 @ w_up.T                                               # (N, F)
-    h = geglu_forward(g, u)                                       # (N, F)
+    w_gu = np.concatenate([w_gate, w_up])                         # (2F, D)
+    gu = x2 @ w_gu.T                                              # (N, 2F) = [g u]
+    h = geglu_forward(gu)                                         # (N, F)
     y = h @ w_down.T                                              # (N, D)
-    return y.reshape(*lead, -1), ("fast", x2, g, u, h, w_gate, w_up, w_down)
+    return y.reshape(*lead, -1), ("fast", x2, gu, w_gate, w_up, w_down)   # h: recomputed by the backward
 
 
 def mlp_backward(dy, cache):
-    """dx, dw_gate, dw_up, dw_down, as the reference's mlp_backward."""
+    """dx, dw_gate, dw_up, dw_down, as the reference's mlp_backward. h = gelu(g) u is made
+    again from [g u] (one pass) rather than kept: an (N, F) array per layer less to hold
+    between the forward and the backward (226 MB for the 270M-270M step)."""
     if cache[0] != "fast":
         return reference.mlp_backward(dy, cache)
-    _, x2, g, u, h, w_gate, w_up, w_down = cache
+    _, x2, gu, w_gate, w_up, w_down = cache
+    F = w_gate.shape[0]
     dy2 = np.ascontiguousarray(dy, x2.dtype).reshape(-1, w_down.shape[0])   # (N, D)
-    dw_down = dy2.T @ h                                           # inverts y = h Wd^T
+    dw_down = dy2.T @ geglu_forward(gu)                           # inverts y = h Wd^T
     dh = dy2 @ w_down                                             # (N, F)
-    dg, du = geglu_backward(dh, g, u)                             # inverts h = gelu(g) u
-    dw_up, dw_gate = du.T @ x2, dg.T @ x2                         # inverts u, g = x W^T
-    dx = dg @ w_gate + du @ w_up                                  # x fans out to gate and up
-    return dx.reshape(*dy.shape[:-1], -1), dw_gate, dw_up, dw_down
+    dgu = geglu_backward(dh, gu)                                  # inverts h = gelu(g) u: [dg du]
+    dw_gu = dgu.T @ x2                                            # inverts [g u] = x [Wg; Wu]^T for W ...
+    dx = dgu @ np.concatenate([w_gate, w_up])                     # ... and for x (it fed both)
+    return dx.reshape(*dy.shape[:-1], -1), dw_gu[:F], dw_gu[F:], dw_down

@@ -17,6 +17,12 @@ depend only on position differences, so that constant changes nothing but roundi
 row gives the logits of the same prompt without padding either way.) T5Gemma encoder inputs may
 be padded anywhere (they use positions 0..S-1 and a key mask, as `T5GemmaModel.encode`).
 
+On the fast path (backend "numba") the prompt runs through `stack_step` as here, and every later
+step through fastpath/decoder.py (`DecodeState.fast`): the same layers with its cache and
+buffers allocated once and a few calls per sublayer, since at batch 1 the ~60 NumPy calls
+per layer of `stack_step` took longer than reading the layer's weights. Several prompts at
+once (a batch) read every weight once per step for all of them.
+
 Axes: B batch, T new tokens, L kept keys, S source length, K kv heads, Dh head dim, V vocab.
 """
 
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attention import Mask, _heads_forward, _merge_heads, _split_heads, cross_mask
+from .attention import Mask, _heads_forward, _merge_heads, _split_heads, cross_mask, mask_pattern
 from .backend import kernels as backend_kernels
 from .config import GemmaConfig, T5GemmaConfig
 from .layers import linear_forward
@@ -149,9 +155,59 @@ def stack_step(params, c, names, ids, positions, valid, cache, backend="numpy", 
 @dataclass
 class DecodeState:
     model: object
-    cache: Cache
+    cache: Cache                        # the reference's cache (on the fast path: as after the prompt)
     next_position: np.ndarray           # (B,) RoPE position of each row's next token
     prefix: np.ndarray                  # what `generate` returns in front of the new tokens
+    fast: object = None                 # the fast path's decoder (fastpath/decoder.py), which steps instead
+
+
+# ---------------------------------------------------------------------------- the fast path's step
+
+
+def _fast_decoder(model, c, names, cache, room):
+    """The fast path's decode step (backend "numba"), taking over `cache` after the prompt, or
+    None on the reference. The same layers as stack_step, handed over as arrays: q, k, v and
+    gate, up stacked into one matrix each, norm weights as the scales (1 + w)."""
+    make = backend_kernels(model.backend).decoder
+    if make is None or model.dtype not in (np.float32, np.float64):
+        return None
+    params, P, one = model.params, names.prefix, lambda name: 1 + model.params[name]
+    layers = []
+    for i in range(c.num_hidden_layers):
+        p = f"{P}layers.{i}."
+        w = _attention_weights(params, p, c)
+        cross = None
+        if names.cross_attn:
+            cross = tuple(one(f"{p}{n}.weight") for n in names.cross_attn) + (
+                params[f"{p}cross_attn.q_proj.weight"], params[f"{p}cross_attn.o_proj.weight"])
+        layers.append(dict(
+            pre_self=one(f"{p}{names.self_attn[0]}.weight"), post_self=one(f"{p}{names.self_attn[1]}.weight"),
+            qkv=np.concatenate([w["q_proj"], w["k_proj"], w["v_proj"]]), o=w["o_proj"],
+            q_norm=1 + w["q_norm"] if "q_norm" in w else np.empty(0, model.dtype),
+            k_norm=1 + w["k_norm"] if "k_norm" in w else np.empty(0, model.dtype),
+            window=_sliding_window(c, i), rope=c.layer_types[i], cross=cross,
+            pre_mlp=one(f"{p}{names.mlp[0]}.weight"), post_mlp=one(f"{p}{names.mlp[1]}.weight"),
+            gu=np.concatenate([params[f"{p}mlp.gate_proj.weight"], params[f"{p}mlp.up_proj.weight"]]),
+            down=params[f"{p}mlp.down_proj.weight"]))
+    cross_valid = cross_lohi = None
+    if cache.cross is not None:
+        extra = _cross_key_mask(cache.cross_mask)                   # the hook, as the reference reads it
+        S = cache.cross[0][0].shape[2]
+        seen = np.flatnonzero(mask_pattern(1, S, extra.causal, extra.window, extra.rule, extra.q_offset)[0])
+        cross_lohi = (np.array([seen[0] if seen.size else 0]), np.array([seen[-1] if seen.size else -1]))
+        cross_valid = np.ones((len(cache.valid), S), bool) if extra.key_mask is None else extra.key_mask != 0
+    return make(layers, one(f"{P}norm.weight"), (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+                c.rms_norm_eps, c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, cache,
+                cache.valid.shape[1] + room, cache.cross, cross_valid, cross_lohi, names.merged)
+
+
+def _fast_step(state, c, names, ids, positions):
+    """stack_step's result for one new token per row, by the fast path's decoder: (B, 1, D)."""
+    model = state.model
+    h = embed_forward(model.params, names, c, ids, _eoi_of(model))[0][:, 0]                  # (B, D)
+    ropes = {kind: (cos[:, 0], sin[:, 0]) for kind, (cos, sin) in
+             rope_tables(c, positions, model.params[names.embedding].dtype).items()}          # (B, Dh) each
+    return state.fast.step(h, ropes)[:, None]
 
 
 def prompt_positions(mask):
@@ -163,9 +219,11 @@ def _last_logits(model, h, table, c):
     return lm_head_forward(h[:, -1], table, c.final_logit_softcapping)[0]     # (B, V)
 
 
-def start(model, input_ids, attention_mask=None):
+def start(model, input_ids, attention_mask=None, max_new_tokens=None):
     """Run the prompt (Gemma 2) or the encoder and bos (T5Gemma). Returns the state and the
-    logits (B, V) of the first new token. `attention_mask` defaults to input_ids != pad."""
+    logits (B, V) of the first new token. `attention_mask` defaults to input_ids != pad.
+    max_new_tokens: how many steps to make room for (the fast path allocates its cache once;
+    it grows if more come)."""
     if isinstance(model.config, T5GemmaConfig):
         enc_c, c = model.config.encoder, model.config.decoder
         ids, mask = _prompt(input_ids, attention_mask, enc_c, "input_ids")
@@ -178,6 +236,7 @@ def start(model, input_ids, attention_mask=None):
         state = DecodeState(model, cache, np.ones(len(ids), np.int64), bos)
         h = stack_step(model.params, c, names, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend,
                        _eoi_of(model))
+        state.fast = _fast_decoder(model, c, names, cache, max_new_tokens or 32)
         return state, _last_logits(model, h, model.params[names.embedding], c)
     c = decoder_config(model)
     ids, mask = _prompt(input_ids, attention_mask, c, "input_ids")
@@ -187,7 +246,8 @@ def start(model, input_ids, attention_mask=None):
     positions = prompt_positions(mask)                             # (B, T)
     cache = empty_cache(c, ids.shape[0], model.dtype)
     h = stack_step(model.params, c, GEMMA2, ids, positions, mask, cache, model.backend)     # (B, T, D)
-    state = DecodeState(model, cache, positions[:, -1] + 1, ids)
+    state = DecodeState(model, cache, positions[:, -1] + 1, ids, _fast_decoder(model, c, GEMMA2, cache,
+                                                                                max_new_tokens or 32))
     return state, _last_logits(model, h, model.params[GEMMA2.embedding], c)
 
 
@@ -196,10 +256,16 @@ def step(state, tokens):
     c = decoder_config(state.model)
     names = _decoder_names(state.model)
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)       # (B, 1)
-    h = stack_step(state.model.params, c, names, ids, state.next_position[:, None],
-                   np.ones_like(ids), state.cache, state.model.backend, _eoi_of(state.model))
+    table = state.model.params[names.embedding]
+    if state.fast is not None:                                     # fastpath/decoder.py: step and LM head
+        h = _fast_step(state, c, names, ids, state.next_position[:, None])
+        logits = state.fast.logits(h[:, -1], table, c.final_logit_softcapping)
+    else:
+        h = stack_step(state.model.params, c, names, ids, state.next_position[:, None],
+                       np.ones_like(ids), state.cache, state.model.backend, _eoi_of(state.model))
+        logits = _last_logits(state.model, h, table, c)
     state.next_position = state.next_position + 1
-    return _last_logits(state.model, h, state.model.params[names.embedding], c)
+    return logits
 
 
 def decoder_config(model):
@@ -313,7 +379,7 @@ def generate(model, input_ids, max_new_tokens=32, attention_mask=None, do_sample
     c = decoder_config(model)
     eos = c.eos_token_id if eos_token_id is None else eos_token_id
     rng = np.random.default_rng(seed)
-    state, logits = start(model, input_ids, attention_mask)
+    state, logits = start(model, input_ids, attention_mask, max_new_tokens)
     if state.next_position.max() + max_new_tokens > c.max_position_embeddings:
         warnings.warn(f"generating past max_position_embeddings ({c.max_position_embeddings}): "
                       "RoPE extrapolates, as in transformers", stacklevel=2)

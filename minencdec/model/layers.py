@@ -56,6 +56,18 @@ def embedding_backward(dh, cache):
     return dtable
 
 
+def embedding_backward_into(dtable, dh, cache):
+    """embedding_backward added into an existing (V, D) gradient in place: for a table that
+    other uses (the tied LM head, the other stack) already have a gradient for, so no
+    second (V, D) array is made (0.67 GB for a 262,144 x 640 table)."""
+    ids, scale, shape, padding_idx = cache
+    ids, rows = ids.reshape(-1), (dh * scale).reshape(-1, shape[1])
+    if padding_idx is not None:
+        keep = ids != padding_idx                                # pad tokens do not train their row
+        ids, rows = ids[keep], rows[keep]
+    np.add.at(dtable, ids, rows)
+
+
 # ---------------------------------------------------------------------------- RMSNorm
 
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attention import attention_block_backward, attention_block_forward
 from .backend import kernels as backend_kernels
 from .config import GemmaConfig
-from .layers import (embedding_backward, embedding_forward, linear_backward, linear_forward, rope_cos_sin,
-                     softcap_backward, softcap_forward)
+from .layers import (embedding_backward, embedding_backward_into, embedding_forward, linear_backward, linear_forward,
+                     rope_cos_sin, softcap_backward, softcap_forward)
 
 
 @dataclass(frozen=True)
@@ -109,25 +108,32 @@ def _sandwich_backward(kern, dh, cache, sublayer_backward):
 
 def _self_attention_forward(x, w, mask, c: GemmaConfig, rope, kern, memory=None):
     """Queries, keys and values all read x; QK-norm (Gemma 3), then RoPE on queries and keys.
-    `memory` (T5Gemma 2's merged attention): the encoder output, whose keys and values join x's."""
-    return attention_block_forward(x, x, w, mask, c.num_attention_heads, c.num_key_value_heads,
-                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern,
-                                   eps=c.rms_norm_eps, memory=memory)
+    `memory` (T5Gemma 2's merged attention): the encoder output, whose keys and values join x's.
+    (kern.attention_block_forward is attention.attention_block_forward on the reference.)"""
+    y, cache = kern.attention_block_forward(x, x, w, mask, c.num_attention_heads, c.num_key_value_heads,
+                                            c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, rope, kern,
+                                            eps=c.rms_norm_eps, memory=memory)
+    return y, (kern, cache)
 
 
 def _self_attention_backward(dy, cache):
-    dx, dsource, dmemory, dws = attention_block_backward(dy, cache)
-    return dx + dsource, dmemory, dws                            # x fed queries and keys/values: add
+    kern, block_c = cache
+    dx, dsource, dmemory, dws = kern.attention_block_backward(dy, block_c)
+    if dsource is not None:                                      # (None: the fast path added it already)
+        dx = dx + dsource                                        # x fed queries and keys/values: add
+    return dx, dmemory, dws
 
 
 def _cross_attention_forward(x, enc_out, w, mask, c: GemmaConfig, kern):
     """Keys and values from the encoder output; no RoPE, never windowed, still softcapped."""
-    return attention_block_forward(x, enc_out, w, mask, c.num_attention_heads, c.num_key_value_heads,
-                                   c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None, kern)
+    y, cache = kern.attention_block_forward(x, enc_out, w, mask, c.num_attention_heads, c.num_key_value_heads,
+                                            c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping, None, kern)
+    return y, (kern, cache)
 
 
 def _cross_attention_backward(dy, cache):
-    dx, dsource, _, dws = attention_block_backward(dy, cache)
+    kern, block_c = cache
+    dx, dsource, _, dws = kern.attention_block_backward(dy, block_c)
     return dx, dsource, dws
 
 
@@ -161,12 +167,16 @@ def embed_forward(params, names: Names, c: GemmaConfig, ids, eoi=None):
 
 
 def embed_backward(dh, cache, grads, names: Names):
-    """Adds the table's (and eoi_embedding's) gradient into `grads` (a shared table sums)."""
+    """Adds the table's (and eoi_embedding's) gradient into `grads` (a shared table sums: in
+    place, when another use already put its gradient there)."""
     emb_c, at, eoi = cache
     if at is not None:
         grads[eoi[1]] = grads.get(eoi[1], 0.0) + dh[at].sum(axis=0)   # eoi_embedding took those rows
         dh = np.where(at[..., None], 0.0, dh)                          # ... so the table did not
-    grads[names.embedding] = grads.get(names.embedding, 0.0) + embedding_backward(dh, emb_c)
+    if names.embedding in grads:
+        embedding_backward_into(grads[names.embedding], dh, emb_c)
+    else:
+        grads[names.embedding] = embedding_backward(dh, emb_c)
 
 
 def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, record=None, backend="numpy",
@@ -211,13 +221,14 @@ def stack_forward(params, c: GemmaConfig, names: Names, ids, masks, cross=None, 
     return out, (c, names, kern, emb_c, layer_caches, norm_c)
 
 
-def stack_backward(dout, cache):
+def stack_backward(dout, cache, into=None):
     """Gradients of every stack tensor (a dict, checkpoint names) and, for a decoder,
     the gradient of the encoder output: the sum of what every layer's cross-attention (or
-    merged attention) sent back to it."""
+    merged attention) sent back to it. `into`: a dict to add them to (its arrays are
+    updated in place: a tied table's gradient from the LM head or the other stack)."""
     c, names, kern, emb_c, layer_caches, norm_c = cache
     P = names.prefix
-    grads = {}
+    grads = {} if into is None else into
     dh, grads[f"{P}norm.weight"] = kern.rmsnorm_backward(dout, norm_c)   # inverts the final norm
     d_enc = 0.0
     for i in reversed(range(c.num_hidden_layers)):                  # the layers, bottom-up

@@ -162,13 +162,11 @@ def backward(dlogits, cache):
 
 def _backward_below_head(dh, dtable_head, enc_c, dec_c):
     """The decoder, then the encoder, given the gradients the LM head sent back."""
-    grads, d_enc = stack_backward(dh, dec_c)                     # inverts the decoder
     table = dec_c[1].embedding                                   # the cache holds the decoder's names
-    grads[table] = grads[table] + dtable_head                    # tied: the decoder table is also the head
-    enc_grads, _ = stack_backward(d_enc, enc_c)                  # inverts the encoder
-    for name, g in enc_grads.items():                            # a table both stacks read (T5Gemma 2): sum
-        grads[name] = grads[name] + g if name in grads else g
-    return grads
+    # Tied: the decoder table is also the head, and T5Gemma 2's encoder reads it too; each use
+    # adds its gradient into the head's array in place (no second vocabulary-sized array).
+    grads, d_enc = stack_backward(dh, dec_c, into={table: dtable_head})   # inverts the decoder
+    return stack_backward(d_enc, enc_c, into=grads)[0]                    # inverts the encoder
 
 
 def loss_forward(params, config: T5GemmaConfig, input_ids, decoder_input_ids, attention_mask,

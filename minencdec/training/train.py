@@ -112,7 +112,7 @@ class NonFiniteLoss(RuntimeError):
 def make_optimizer(model, cfg: TrainConfig):
     trainable = FreezeSchedule(frozenset(cfg.freeze), cfg.freeze_steps) if cfg.freeze_steps else None
     return AdamW(model.params, lr=cfg.lr_schedule(), betas=(0.9, 0.95), eps=1e-8,
-                 weight_decay=cfg.weight_decay, trainable=trainable)
+                 weight_decay=cfg.weight_decay, trainable=trainable, backend=model.backend)
 
 
 def model_settings(model) -> dict:

@@ -214,7 +214,9 @@ def test_gemma3_family_fast_equals_reference_float32(case):
 
 
 def _forbid_reference(monkeypatch):
-    """Make the reference's attention and RMSNorm raise if the numba backend falls back to them."""
+    """Make the reference's attention (block and softmax), RMSNorm and MLP raise if the numba
+    backend falls back to them."""
+    import fastpath.mlp
     import fastpath.norm
 
     def refuse(name):
@@ -223,8 +225,24 @@ def _forbid_reference(monkeypatch):
         return fail
     monkeypatch.setattr(attention, "attention_forward_masked", refuse("attention"))
     monkeypatch.setattr(attention, "attention_backward", refuse("attention backward"))
+    monkeypatch.setattr(attention, "attention_block_forward", refuse("attention block"))
+    monkeypatch.setattr(attention, "attention_block_backward", refuse("attention block backward"))
     for name in ("rmsnorm_forward", "rmsnorm_backward"):
         monkeypatch.setattr(fastpath.norm.reference, name, refuse(name))
+    for name in ("mlp_forward", "mlp_backward"):
+        monkeypatch.setattr(fastpath.mlp.reference, name, refuse(name))
+
+
+@pytest.mark.parametrize("case", ["gqa_odd", "unbalanced"])
+def test_gemma2_family_runs_on_the_kernels(case, monkeypatch):
+    """The fused attention block, dense and tiled attention, MLP and norms: no fallback to
+    the reference (float32 and float64, short and long)."""
+    for dtype in ("float32", "float64"):
+        _, fast = model_pair(case, dtype, long=True)
+        for long in (False, True):
+            with monkeypatch.context() as m:
+                _forbid_reference(m)
+                run(fast, inputs_for(case, long))
 
 
 @pytest.mark.parametrize("case", ["gemma3", "t5gemma2"])
@@ -254,8 +272,8 @@ def _broken(monkeypatch, **replace):
 
 def test_negative_control_attention_without_window_fails(monkeypatch):
     attend = backend.kernels("numba").attention_forward
-    _broken(monkeypatch, attention_forward=lambda q, k, v, mask, scale, cap:
-            attend(q, k, v, mask._replace(window=None), scale, cap))
+    _broken(monkeypatch, attention_forward=lambda q, k, v, mask, scale, cap, **kw:
+            attend(q, k, v, mask._replace(window=None), scale, cap, **kw))
     ref, fast = model_pair("gqa_odd", "float64")
     with pytest.raises(AssertionError):
         check_same(fast, ref, inputs_for("gqa_odd", False), RTOL_F64)

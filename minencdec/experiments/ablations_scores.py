@@ -143,27 +143,11 @@ def prefix_nll(model, rows, mode_id=None, batch_size=16) -> np.ndarray:
     return np.concatenate(out)
 
 
-def next_line_texts(model, tok, pairs, max_new_tokens, batch_size=8) -> list[str]:
-    """Greedy text after each prompt: its first non-empty line. (evaluate.continuations cuts
-    at the first line break, and a toy often starts with one, where a speech ends in the
-    plays: that would score an empty line, telling nothing.)"""
-    texts = []
-    for b in range(0, len(pairs), batch_size):
-        prompts = [ev.prompt_ids(tok, p["input"]) for p in pairs[b:b + batch_size]]
-        left = not isinstance(model, T5GemmaModel)                 # a decoder-only model continues on the right
-        ids, mask = ev._pad(prompts, tok.pad_id, left=left)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, attention_mask=mask)
-        for row in (out[:, ids.shape[1]:] if left else out[:, 1:]):   # after the prompt / after bos
-            text = tok.decode([int(t) for t in row if t not in (tok.pad_id, tok.eos_id)])
-            texts.append(next((line.strip() for line in text.split("\n") if line.strip()), ""))
-    return texts
-
-
 def generation_scores(model, tok, rows, lines, plan, objective=None) -> dict:
     """Per-example generation scores on the test plays, and three samples."""
     mode = tok.mode_ids["[S2S]"] if objective == "ul2" else None
     shown = lines[:plan.gen_examples]
-    texts = next_line_texts(model, tok, shown, plan.gen_new_tokens)
+    texts = ev.continuations(model, tok, shown, plan.gen_new_tokens)
     return {"prefix_nll": prefix_nll(model, rows, mode).tolist(),
             "next_line_nll": ev.reference_nll(model, tok, lines).tolist(),
             "chrf": [metrics.chrf(h, p["target"]) for h, p in zip(texts, shown)],

@@ -1,7 +1,7 @@
 """Scoring a decoder-only model and an encoder-decoder on the same examples, the same way.
 
     nll = reference_nll(model, tok, pairs)             # nats/token of each reference, (N,)
-    text = continuations(model, tok, pairs, 24)        # greedy, cut at the first line break
+    text = continuations(model, tok, pairs, 24)        # greedy, the first line with text
     pred = predictions(classifier, tok, reviews)       # class ids, (N,)
 
 Both kinds of model see the same token ids: the prompt is bos + the passage and a line
@@ -67,7 +67,9 @@ def reference_nll(model, tok, pairs, batch_size=8) -> np.ndarray:
 
 
 def continuations(model, tok, pairs, max_new_tokens=24, batch_size=8) -> list[str]:
-    """Greedy text after each prompt, up to max_new_tokens, cut at the first line break."""
+    """Greedy text after each prompt, up to max_new_tokens: its first line with text. (A
+    model often answers a line break first, where a speech ends in the plays; cutting at the
+    first break would score an empty line and tell nothing.)"""
     texts = []
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b:b + batch_size]
@@ -77,7 +79,7 @@ def continuations(model, tok, pairs, max_new_tokens=24, batch_size=8) -> list[st
         new = out[:, 1:] if isinstance(model, T5GemmaModel) else out[:, ids.shape[1]:]   # after bos / the prompt
         for row in new:
             keep = [int(t) for t in row if t not in (tok.pad_id, tok.eos_id)]
-            texts.append(tok.decode(keep).split("\n")[0].strip())
+            texts.append(next((line.strip() for line in tok.decode(keep).split("\n") if line.strip()), ""))
     return texts
 
 

@@ -44,14 +44,14 @@ from .datasets import LABELS, Corpora, check_disjoint
 class Budget:
     """Everything that sets a run's cost. The same numbers serve both models."""
 
-    train_steps: int = 60              # adaptation / same-budget causal LM, each
+    train_steps: int = 50              # adaptation / same-budget causal LM, each
     train_batch: int = 4
-    train_len: int = 192               # packed row: PrefixLM splits it in half
-    train_lr: float = 5e-5
+    train_len: int = 128               # packed row: PrefixLM splits it in half
+    train_lr: float = 1e-4
     cls_steps: int = 60
     cls_batch: int = 8
     cls_len: int = 96                  # review tokens read (bos included)
-    cls_lr: float = 5e-5
+    cls_lr: float = 1e-4
     gen_examples: int = 64             # held-out next-line pairs scored
     gen_new_tokens: int = 20
     timing_examples: int = 8

@@ -126,8 +126,18 @@ def write_report(run) -> Path:
 def _reading(cls, gen, b) -> list[str]:
     """Plain sentences on what the numbers support, each tied to an interval."""
     out = []
+    majority = cls["majority class"]["accuracy"][0]
+    for name, title in (("gemma3", "Gemma 3"), ("t5gemma2", "T5Gemma 2")):
+        if cls[name]["accuracy"][1] <= majority:
+            out.append(f"- The {title} classifier does not beat always answering the majority class "
+                       f"({cls[name]['accuracy'][0]:.3f} against {majority:.3f}): at this fine-tuning budget it "
+                       "has not learnt the task, so a difference involving it says little.")
     d = cls["difference t5gemma2 - gemma3"]["accuracy"]
-    if d[1] > 0:
+    learnt = {name: cls[name]["accuracy"][1] > majority for name in ("gemma3", "t5gemma2")}
+    if d[1] > 0 and not learnt["t5gemma2"]:
+        out.append("- Classification: the encoder head scores higher than the decoder-only head, but no higher than "
+                   "the majority class: not the paper's claim, only a worse decoder-only head.")
+    elif d[1] > 0:
         out.append("- Classification: the encoder head beats the decoder-only last-token head at equal fine-tuning "
                    "budget, as the paper reports on SuperGLUE, while costing fewer FLOPs per example (the decoder "
                    "never runs).")
@@ -138,14 +148,21 @@ def _reading(cls, gen, b) -> list[str]:
     else:
         out.append("- Classification: no difference the test set can resolve (the interval of the difference holds 0).")
     g = gen["difference t5gemma2 - gemma3"]["nll"]
+    tokens = b["train_steps"] * b["train_batch"] * b["train_len"]
     if g[2] < 0:
         out.append("- Generation: the adapted encoder-decoder predicts the held-out next lines better (lower NLL).")
     elif g[1] > 0:
         out.append("- Generation goes **against** the paper here: the decoder-only model predicts the held-out next "
                    "lines better. The adapted model has just met bidirectional attention and merged "
-                   f"cross-attention, and {b['train_steps']} steps are about a millionth of the paper's budget.")
+                   f"cross-attention, and its {tokens:,} training tokens are about {tokens / 2e12:.0e} of the "
+                   "paper's 2 T.")
     else:
         out.append("- Generation: no NLL difference the test set can resolve.")
+    written = [x["generated"] for x in gen["t5gemma2"]["samples"]]
+    if len(written) > 1 and len(set(written)) == 1:
+        out.append(f"- The T5Gemma 2 writes the same line, {written[0]!r}, after every sample passage: its decoder "
+                   "has not yet learnt to read the encoder (cross-attention starts as a copy of self-attention "
+                   "reading the encoder's last layer) and falls back to a text prior.")
     out.append("- Every interval above is over test examples of one training run (one seed); it does not cover "
                "the spread over seeds or data orders.")
     return out

@@ -188,8 +188,8 @@ def test_an_interval_holding_0_is_unresolved():
 
 
 def test_a_next_line_is_the_first_line_with_text(finished):
-    """A model that answers a line break first: evaluate.continuations (the negative control)
-    scores an empty line, next_line_texts the line the model then wrote."""
+    """A model that answers a line break first: evaluate.continuations scores the line the
+    model then wrote; cutting at the first break (the negative control) gives an empty line."""
     from minencdec.experiments import evaluate as ev
     from minencdec.io.tokenizer import Tokenizer
     out, _ = finished
@@ -201,8 +201,8 @@ def test_a_next_line_is_the_first_line_with_text(finished):
             return np.concatenate([ids, np.tile(answer, (len(ids), 1))], 1)
 
     pairs = [{"input": "good night", "target": "x"}, {"input": "a longer passage here", "target": "y"}]
-    assert S.next_line_texts(BreakFirst(), tok, pairs, len(answer)) == ["the king speaks"] * 2
-    assert ev.continuations(BreakFirst(), tok, pairs, len(answer)) == ["", ""]
+    assert ev.continuations(BreakFirst(), tok, pairs, len(answer)) == ["the king speaks"] * 2
+    assert tok.decode(answer).split("\n")[0].strip() == ""
 
 
 # ---------------------------------------------------------------------------- the report

@@ -121,3 +121,24 @@ def test_a_finished_pipeline_is_not_run_again(tiny_run, monkeypatch):
                              gen_examples=4, gen_new_tokens=4, timing_examples=2)
     again = pipeline.run(root / "run", root / "source", corpora, budget, backend="numpy", log=lambda *a: None)
     assert np.isfinite(again["generation"]["t5gemma2"]["nll"][0])
+
+
+def test_the_reading_names_a_classifier_that_learnt_nothing():
+    """A classifier whose accuracy interval does not clear the majority class is named as such,
+    and the encoder head is not said to win by it; one that clears it (the control) is not."""
+    from minencdec.experiments.report import _reading
+
+    def reading(t5_acc):
+        cls = {"majority class": {"accuracy": (0.65, 0.60, 0.70)},
+               "gemma3": {"accuracy": (0.55, 0.50, 0.60)}, "t5gemma2": {"accuracy": t5_acc},
+               "difference t5gemma2 - gemma3": {"accuracy": (0.2, 0.1, 0.3)}}
+        gen = {"difference t5gemma2 - gemma3": {"nll": (0.0, -0.1, 0.1)},
+               "t5gemma2": {"samples": [{"generated": "a"}, {"generated": "b"}]}}
+        return "\n".join(_reading(cls, gen, {"train_steps": 2, "train_batch": 2, "train_len": 8}))
+
+    stuck = reading((0.65, 0.60, 0.70))
+    assert "The T5Gemma 2 classifier does not beat always answering the majority class" in stuck
+    assert "no higher than the majority class" in stuck and "as the paper reports" not in stuck
+    learnt = reading((0.85, 0.80, 0.90))
+    assert "The T5Gemma 2 classifier does not beat" not in learnt and "as the paper reports" in learnt
+    assert "The Gemma 3 classifier does not beat" in learnt

@@ -2,7 +2,7 @@
 
     minencdec pretrain --out RUN            a tiny Gemma 2 decoder-only model from scratch
     minencdec train --model T5DIR --objective prefixlm-kd --out RUN
-    (minencdec finetune: finetune.py; minencdec demo, all of it on Shakespeare: demo.py)
+    (minencdec finetune: finetune.py; minencdec demo --tiny, all of it on Shakespeare: demo_tiny.py)
 
 Each is a thin shell: data and tokenizer (data.py, tokenizer.py), a task (tasks.py), the
 loop (train.py). Runs are resumable with --resume. The default corpus is the Shakespeare

@@ -43,6 +43,17 @@ def _plan_words(results) -> dict:
 
 # ---------------------------------------------------------------------------- figures
 
+def _save(fig, axes, path: Path, legend_size: int) -> None:
+    """Grid and legend on every panel, then the PNG."""
+    import matplotlib.pyplot as plt
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def figures(run: Path, results: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -87,12 +98,7 @@ def figures(run: Path, results: dict) -> list[str]:
     ax[0].set(title="pretraining, validation plays", xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
     ax[1].set(title="arms: validation loss of each objective (UL2's is on its own denoising task)",
               xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(run / "training.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, run / "training.png", legend_size=6)
 
     # 3. quality against cost: the unbalanced claim's picture
     cost, mean = results["cost"], results["summary"]["mean over seeds"]
@@ -104,12 +110,7 @@ def figures(run: Path, results: dict) -> list[str]:
                        label=MODELS.get(name, name))
     ax[0].set(xlabel="GFLOPs per next line (from the configs)", ylabel="held-out PrefixLM NLL (lower is better)")
     ax[1].set(xlabel="ms per next line (measured, batch 1)", ylabel="held-out PrefixLM NLL (lower is better)")
-    for a in ax:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run / "quality_vs_cost.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, run / "quality_vs_cost.png", legend_size=8)
     return ["claims.png", "training.png", "quality_vs_cost.png"]
 
 

@@ -65,7 +65,10 @@ def figures(run: Path, results: dict) -> list[str]:
         for name in ("gemma3", "t5gemma2"):
             steps, losses, vsteps, vlosses = _metrics(run / f"{stage}-{name}" / "metrics.jsonl")
             if steps:
-                line, = a.plot(steps, losses, lw=1, alpha=0.7, label=f"{NAMES[name]} train")
+                # PrefixLM+KD's training loss is cross-entropy against the teacher's distribution,
+                # its validation loss against the text (tasks.py): two curves that need not meet
+                what = "train, against the teacher" if stage == "train" and name == "t5gemma2" else "train"
+                line, = a.plot(steps, losses, lw=1, alpha=0.7, label=f"{NAMES[name]} {what}")
                 if vsteps:
                     a.plot(vsteps, vlosses, "o--", color=line.get_color(), label=f"{NAMES[name]} validation")
         a.set(xlabel="optimizer step", ylabel="cross-entropy (nats)",

@@ -130,13 +130,13 @@ def _reading(cls, gen, b) -> list[str]:
     """Plain sentences on what the numbers support, each tied to an interval."""
     out = []
     majority = cls["majority class"]["accuracy"][0]
+    learnt = {name: cls[name]["accuracy"][1] > majority for name in ("gemma3", "t5gemma2")}
     for name, title in (("gemma3", "Gemma 3"), ("t5gemma2", "T5Gemma 2")):
-        if cls[name]["accuracy"][1] <= majority:
+        if not learnt[name]:
             out.append(f"- The {title} classifier does not beat always answering the majority class "
                        f"({cls[name]['accuracy'][0]:.3f} against {majority:.3f}): at this fine-tuning budget it "
                        "has not learnt the task, so a difference involving it says little.")
     d = cls["difference t5gemma2 - gemma3"]["accuracy"]
-    learnt = {name: cls[name]["accuracy"][1] > majority for name in ("gemma3", "t5gemma2")}
     if d[1] > 0 and not learnt["t5gemma2"]:
         out.append("- Classification: the encoder head scores higher than the decoder-only head, but no higher than "
                    "the majority class: not the paper's claim, only a worse decoder-only head.")

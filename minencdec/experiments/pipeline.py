@@ -103,10 +103,10 @@ def run(out, source, corpora: Corpora, budget: Budget = Budget(), backend="numba
     models = {}
     for name, (start, task) in runs.items():
         run_dir = out / f"train-{name}"
-        models[name] = load_pretrained(start, backend=backend)
         if _done(run_dir):
             models[name] = load_pretrained(run_dir / "checkpoint", backend=backend)
         else:
+            models[name] = load_pretrained(start, backend=backend)
             log(f"training {name} for {budget.train_steps} steps of {budget.train_batch} x {budget.train_len} tokens")
             train(models[name], task, cfg, run_dir, resume=(run_dir / "checkpoint").is_dir(), label=f"train {name}")
             _mark(run_dir)

@@ -3,6 +3,8 @@
     nll = reference_nll(model, tok, pairs)             # nats/token of each reference, (N,)
     text = continuations(model, tok, pairs, 24)        # greedy, the first line with text
     pred = predictions(classifier, tok, reviews)       # class ids, (N,)
+    wrong = other_passages(pairs)                      # each reference after another passage
+    share = encoder_attention_share(t5, tok, pairs)    # how much the decoder looks at its input
 
 Both kinds of model see the same token ids: the prompt is bos + the passage and a line
 break; a decoder-only model reads it and then the reference, an encoder-decoder reads it
@@ -81,6 +83,39 @@ def continuations(model, tok, pairs, max_new_tokens=24, batch_size=8) -> list[st
             keep = [int(t) for t in row if t not in (tok.pad_id, tok.eos_id)]
             texts.append(next((line.strip() for line in tok.decode(keep).split("\n") if line.strip()), ""))
     return texts
+
+
+def other_passages(pairs) -> list[dict]:
+    """Each pair's target after the passage of the pair half the list away (another part of
+    the plays). A model that reads its input predicts a reference worse after the wrong
+    passage; one that ignores it scores both the same."""
+    n = len(pairs)
+    if n < 2:
+        raise ValueError("other_passages needs at least two pairs to swap their passages")
+    return [{"input": pairs[(i + n // 2) % n]["input"], "target": p["target"]} for i, p in enumerate(pairs)]
+
+
+def encoder_attention_share(model, tok, pairs) -> float:
+    """The share of a T5Gemma 2 decoder's attention that lands on the encoder's keys: its
+    merged attention spreads one softmax over [its own tokens, the encoder's tokens], so the
+    share says how much the decoder looks at its input. Averaged over layers, heads, the
+    reference's tokens and the pairs; each pair runs alone (no padding), the probabilities
+    recomputed from a dump (verify/internals.py)."""
+    from minencdec.verify.dumps import dump_minencdec
+    from minencdec.verify.internals import attention_sublayers
+
+    if not (isinstance(model, T5GemmaModel) and model.config.merged_attention):
+        raise ValueError("encoder_attention_share is for T5Gemma 2's merged attention (a T5Gemma's "
+                         "cross-attention has a softmax of its own)")
+    sublayers = [s for s in attention_sublayers(model) if s.startswith("decoder.")]
+    shares = []
+    for p in pairs:
+        ids = np.array([prompt_ids(tok, p["input"])])
+        dec = np.array([[tok.bos_id] + (tok.encode(p["target"]) or [tok.eos_id])])
+        dump = dump_minencdec(model, ids, decoder_input_ids=dec, internals=sublayers)
+        T = dec.shape[1]                                     # the decoder's own keys come first
+        shares += [dump[f"{s}.probs"][..., T:].sum(-1).mean() for s in sublayers]
+    return float(np.mean(shares))
 
 
 def classifier_inputs(tok, texts, max_len):

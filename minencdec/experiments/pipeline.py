@@ -7,7 +7,9 @@ when its output is already there, so an interrupted demo continues where it stop
     3 adapt       a T5Gemma 2 from it (a pure copy), checked: encoder masked -> the source's logits
     4 train       the same token budget for both: PrefixLM + distillation from the source for
                   the T5Gemma 2, causal LM on the same rows for the Gemma 3
-    5 generation  next lines of held-out plays: reference NLL and chrF of greedy text
+    5 generation  next lines of held-out plays: reference NLL and chrF of greedy text; whether
+                  each model reads its input (the NLL after another passage; the T5Gemma 2
+                  decoder's attention on the encoder at adaptation and after training)
     6 classify    the same fine-tuning budget on drug-review sentiment: the T5Gemma 2 encoder's
                   head against the Gemma 3's last-token head; accuracy and macro-F1 on the test set
     7 cost        FLOPs and measured seconds per example of every model and task
@@ -111,7 +113,9 @@ def run(out, source, corpora: Corpora, budget: Budget = Budget(), backend="numba
             train(models[name], task, cfg, run_dir, resume=(run_dir / "checkpoint").is_dir(), label=f"train {name}")
             _mark(run_dir)
     # 5. generation, before and after
-    results["generation"] = generation(teacher, models, tok, corpora.next_lines[2][:budget.gen_examples], budget)
+    test_lines = corpora.next_lines[2][:budget.gen_examples]
+    results["generation"] = generation(teacher, models, tok, test_lines, budget)
+    results["reading"] = reading(adapted, models, tok, test_lines, results["generation"], backend)
     # 6. classification with the same fine-tuning budget
     results["classification"] = classification(models, tok, corpora.reviews, budget, out, backend, log)
     # 7. cost per example
@@ -155,6 +159,26 @@ def generation(original, models, tok, test, budget) -> dict:
     out["difference t5gemma2 - gemma3"] = {
         "nll": metrics.paired_bootstrap(a["per_example_nll"], b["per_example_nll"]),
         "chrf": metrics.paired_bootstrap(a["per_example_chrf"], b["per_example_chrf"])}
+    return out
+
+
+def reading(adapted_dir, models, tok, test, generated, backend, attention_examples=8) -> dict:
+    """Does each model use its input? The NLL of every reference after another example's
+    passage (evaluate.other_passages) minus after its own, paired over the test pairs: about 0
+    for a model that ignores its input. The T5Gemma 2 also at adaptation, before any training,
+    with the share of its decoder's attention on the encoder's keys then and after training."""
+    wrong = ev.other_passages(test)
+    at_adaptation = load_pretrained(adapted_dir, backend=backend)
+    out = {}
+    for name, model, own in (("gemma3", models["gemma3"], generated["gemma3"]["per_example_nll"]),
+                             ("t5gemma2 (adapted, untrained)", at_adaptation, None),
+                             ("t5gemma2", models["t5gemma2"], generated["t5gemma2"]["per_example_nll"])):
+        own = np.asarray(own) if own is not None else ev.reference_nll(model, tok, test)
+        other = ev.reference_nll(model, tok, wrong)
+        out[name] = {"nll_own": metrics.bootstrap(own), "nll_other": metrics.bootstrap(other),
+                     "difference": metrics.paired_bootstrap(other, own)}
+        if isinstance(model, T5GemmaModel):
+            out[name]["encoder_attention_share"] = ev.encoder_attention_share(model, tok, test[:attention_examples])
     return out
 
 

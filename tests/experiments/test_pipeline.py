@@ -142,3 +142,77 @@ def test_the_reading_names_a_classifier_that_learnt_nothing():
     learnt = reading((0.85, 0.80, 0.90))
     assert "The T5Gemma 2 classifier does not beat" not in learnt and "as the paper reports" in learnt
     assert "The Gemma 3 classifier does not beat" in learnt
+
+
+def test_encoder_attention_share_against_uniform_attention(tiny_run):
+    """With every decoder query zero, every score is 0 and the merged softmax is uniform over
+    the visible keys: reference token t sees its t + 1 own tokens and the S encoder tokens, so
+    the share is the mean over t of S / (S + t + 1), worked out here by hand. The untouched
+    model (the control) is not uniform."""
+    from minencdec.experiments import evaluate as ev
+    from minencdec.io.pretrained import load_pretrained
+    from minencdec.io.vocab import load_tokenizer
+
+    root, _ = tiny_run
+    tok = load_tokenizer(root / "run" / "gemma3")
+    model = load_pretrained(root / "run" / "t5gemma2", "float64")
+    pairs = [{"input": "thou art the king", "target": "good night"},
+             {"input": "the fool who speaks of love and war", "target": "a sword"}]
+    expected = []
+    for p in pairs:
+        S = len(ev.prompt_ids(tok, p["input"]))
+        T = 1 + len(tok.encode(p["target"]))                        # bos + the reference
+        assert T <= model.config.decoder.sliding_window             # no window cuts a row's keys
+        expected.append(np.mean([S / (S + t + 1) for t in range(T)]))
+    control = ev.encoder_attention_share(model, tok, pairs)
+    for name, w in model.params.items():
+        if name.startswith("model.decoder.") and name.endswith("q_proj.weight"):
+            w[...] = 0.0
+    assert ev.encoder_attention_share(model, tok, pairs) == pytest.approx(np.mean(expected), abs=1e-12)
+    assert abs(control - np.mean(expected)) > 1e-3
+    with pytest.raises(ValueError, match="merged attention"):
+        ev.encoder_attention_share(load_pretrained(root / "run" / "gemma3"), tok, pairs)
+
+
+def test_other_passages_swap_every_input_and_keep_the_targets():
+    from minencdec.experiments import evaluate as ev
+
+    pairs = [{"input": f"passage {i}", "target": f"line {i}"} for i in range(5)]
+    wrong = ev.other_passages(pairs)
+    assert [w["target"] for w in wrong] == [p["target"] for p in pairs]
+    assert all(w["input"] != p["input"] for w, p in zip(wrong, pairs))
+    assert sorted(w["input"] for w in wrong) == sorted(p["input"] for p in pairs)   # a permutation
+    with pytest.raises(ValueError, match="at least two"):
+        ev.other_passages(pairs[:1])
+
+
+def test_the_pipeline_measures_whether_each_model_reads_its_input(tiny_run):
+    root, results = tiny_run
+    reading = results["reading"]
+    assert set(reading) == {"gemma3", "t5gemma2 (adapted, untrained)", "t5gemma2"}
+    for name, r in reading.items():
+        own, other, diff = r["nll_own"], r["nll_other"], r["difference"]
+        assert diff[0] == pytest.approx(other[0] - own[0])            # paired: the difference of the means
+        assert ("encoder_attention_share" in r) == name.startswith("t5gemma2")
+    # the trained models' own-passage NLL is the generation step's, not a second measurement
+    assert reading["t5gemma2"]["nll_own"] == results["generation"]["t5gemma2"]["nll"]
+    report = write_report(root / "run").read_text()
+    assert "## Does each model read its input?" in report
+    assert f"{reading['t5gemma2']['encoder_attention_share']:.1%}" in report
+
+
+def test_the_reading_says_whether_the_encoder_is_read():
+    """Sentences from pipeline.reading: a difference interval above 0 says the encoder is read;
+    one holding 0 says it is not, and names the fall of the attention on the encoder."""
+    from minencdec.experiments.report import _reads_input
+
+    def reading(diff):
+        start = {"difference": (0.5, 0.1, 0.9), "nll_own": (9.0, 8.5, 9.5), "encoder_attention_share": 0.25}
+        return "\n".join(_reads_input({"t5gemma2 (adapted, untrained)": start,
+                                       "t5gemma2": {"difference": diff, "encoder_attention_share": 0.02}}))
+
+    ignored = reading((0.001, -0.002, 0.004))
+    assert "does **not** read its encoder" in ignored and "fell from 25.0% at adaptation to 2.0%" in ignored
+    read = reading((0.3, 0.1, 0.5))
+    assert "reads its encoder" in read and "not" not in read
+    assert _reads_input(None) == []

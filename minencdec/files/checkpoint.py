@@ -194,7 +194,7 @@ def _names(names: list[str], limit: int = 20) -> str:
 
 def save_tensors(path, tensors: dict[str, np.ndarray], config_dict: dict, *, dtype=None,
                  extra_files: dict[str, bytes] | None = None, max_shard_bytes: int = 5 * 2**30,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, extra_tensors: dict[str, dict[str, np.ndarray]] | None = None) -> None:
     """Write a directory that transformers' `from_pretrained` loads, crash-consistently.
 
     `dtype` None keeps each array's dtype (float16/32/64); "bfloat16", "float16", "float32"
@@ -202,7 +202,10 @@ def save_tensors(path, tensors: dict[str, np.ndarray], config_dict: dict, *, dty
     (a name it lacks keeps its dtype). bfloat16 rounds to nearest, ties to even, in one
     rounding from the array's own precision (as torch's `.to(torch.bfloat16)` does for
     float32). Above `max_shard_bytes` the weights are split into shards plus an index.
-    `extra_files` (file name -> bytes, e.g. tokenizer.model) are written too.
+    `extra_files` (file name -> bytes, e.g. tokenizer.model) are written too, and
+    `extra_tensors` (file name -> tensors, e.g. a training run's optimizer state) as
+    safetensors files of their own, each tensor in its own dtype, streamed from the arrays
+    a chunk at a time: a save never holds a second copy of them in memory.
 
     `path` may be missing or an empty directory. An existing non-empty one is replaced only
     with `overwrite=True`, and only if every entry in it is a file this save writes again
@@ -212,9 +215,14 @@ def save_tensors(path, tensors: dict[str, np.ndarray], config_dict: dict, *, dty
     (its target is replaced, the link kept). Everything is checked before anything is written;
     the old directory is replaced only once the new one is complete (see replace.py).
     """
-    extra_files = dict(extra_files or {})
+    extra_files, extra_tensors = dict(extra_files or {}), dict(extra_tensors or {})
     tags = _check_save(tensors, config_dict, dtype, extra_files, max_shard_bytes)
-    target = check_destination(path, overwrite=overwrite, extra_names=tuple(extra_files))
+    extra_tags = {file: _check_save(named, {}, None, {file: b""}, max_shard_bytes)
+                  for file, named in extra_tensors.items()}
+    clash = set(extra_files) & set(extra_tensors)
+    if clash:
+        raise CheckpointError(f"file(s) {_names(sorted(clash))} given both as extra bytes and as extra tensors")
+    target = check_destination(path, overwrite=overwrite, extra_names=(*extra_files, *extra_tensors))
     shards, size = [[]], 0                       # greedy: a new shard when the next tensor overflows
     for name in tensors:
         nbytes = tensors[name].size * STORED[tags[name]].itemsize
@@ -227,6 +235,8 @@ def save_tensors(path, tensors: dict[str, np.ndarray], config_dict: dict, *, dty
         write_file(directory / CONFIG_FILE, _json_bytes(config_dict))
         for name, data in extra_files.items():
             write_file(directory / name, bytes(data))
+        for name, named in extra_tensors.items():
+            write_safetensors(directory / name, named, list(named), extra_tags[name])
         if len(shards) == 1:
             write_safetensors(directory / WEIGHTS_FILE, tensors, shards[0], tags)
             return

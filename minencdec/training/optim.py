@@ -146,10 +146,12 @@ class AdamW:
 
     # ---------------------------------------------------------------- checkpointing
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy=True) -> dict:
         """{"tensors": name -> array (for safetensors), "meta": plain JSON-able values}.
-        Tensor names are "exp_avg/<param>" and "exp_avg_sq/<param>"; arrays are copies."""
-        tensors = {f"{key}/{name}": s[key].copy() for name, s in self.state.items()
+        Tensor names are "exp_avg/<param>" and "exp_avg_sq/<param>"; arrays are copies, or
+        with copy=False the optimizer's own arrays (for a save that writes them before the
+        next step: no second copy of the moments in memory)."""
+        tensors = {f"{key}/{name}": s[key].copy() if copy else s[key] for name, s in self.state.items()
                    for key in ("exp_avg", "exp_avg_sq")}
         meta = {"format": "minencdec.AdamW/1", "step_count": self.step_count,
                 "param_steps": {name: s["step"] for name, s in self.state.items()},

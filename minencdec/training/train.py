@@ -125,16 +125,17 @@ def model_settings(model) -> dict:
 
 def save_checkpoint(run_dir, model, opt, step, cfg, history, extra_files=None, settings=None):
     """Everything needed to continue, in one atomically written directory."""
-    from safetensors.numpy import save as safetensors_bytes
-    state = opt.state_dict()
+    state = opt.state_dict(copy=False)                 # written out below, before any update
     trainer = {"format": STATE_FORMAT, "step": step, "train_config": dataclasses.asdict(cfg),
                "settings": settings or {}, "optimizer": state["meta"], "history": history,
                "dtype": str(model.dtype)}
     files = dict(extra_files or {})
-    files[OPTIMIZER_FILE] = safetensors_bytes(state["tensors"]) if state["tensors"] else b""
+    tensors = {OPTIMIZER_FILE: state["tensors"]} if state["tensors"] else {}
+    if not tensors:
+        files[OPTIMIZER_FILE] = b""                    # an optimizer with no state yet (step 0)
     files[STATE_FILE] = json.dumps(trainer, indent=1).encode()
     save_tensors(Path(run_dir) / CHECKPOINT_DIR, model.params, model.hf_config(), extra_files=files,
-                 overwrite=True)                       # the run's own checkpoint: replaced every save
+                 extra_tensors=tensors, overwrite=True)   # the run's own checkpoint: replaced every save
 
 
 def load_checkpoint(run_dir, model, opt, cfg, settings=None):

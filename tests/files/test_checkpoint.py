@@ -313,3 +313,18 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()                  # an empty directory is fine to fill
     save_tensors(tmp_path / "empty", make_tensors(), CONFIG)
     assert read_config(tmp_path / "empty") == CONFIG
+
+
+def test_extra_tensor_files_are_safetensors_in_their_own_dtypes(tmp_path):
+    """extra_tensors writes a safetensors file per name, read back by the safetensors library
+    bit for bit; a bad name, a clash with extra_files or a non-array is refused before anything
+    is written."""
+    moments = {"exp_avg/w": make_tensors(seed=2)["model.odd"], "exp_avg_sq/w": make_tensors(np.float64)["model.odd"]}
+    save_tensors(tmp_path / "ck", make_tensors(), CONFIG, extra_tensors={"optimizer.safetensors": moments})
+    assert_same(load_file(tmp_path / "ck" / "optimizer.safetensors"), moments)
+    for bad, match in [({"model-2.safetensors": moments}, "not a weights file"),
+                       ({"notes.txt": {"x": [1.0]}}, "tensor 'x': expected a float16/32/64 numpy array"),
+                       ({"a.txt": moments}, "both as extra bytes and as extra tensors")]:
+        with pytest.raises(CheckpointError, match=match):
+            save_tensors(tmp_path / "new", make_tensors(), CONFIG, extra_files={"a.txt": b"x"}, extra_tensors=bad)
+        assert not (tmp_path / "new").exists()

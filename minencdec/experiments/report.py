@@ -209,10 +209,12 @@ def _reads_input(reading) -> list[str]:
            "nats/token, an interval that does not clear 0."]
     before, after = start.get("encoder_attention_share"), t5.get("encoder_attention_share")
     if before is not None and after is not None and after < before:
+        moved = "moved" if start["difference"][1] > 0 else "did not measurably move"
         out.append(f"- Its decoder's attention on the encoder fell from {before:.1%} at adaptation to {after:.1%} "
-                   f"after training. At adaptation the passage did move its predictions (difference "
-                   f"{_fmt(start['difference'])}), at a high price (NLL {start['nll_own'][0]:.3f} with its own "
-                   "passage): each decoder layer reads the encoder's last layer through key and value maps "
-                   "trained on its own layer's activations. Within this budget the cheapest way down the loss was "
-                   "to shut the encoder out rather than learn to read it; the paper adapts on 2 T tokens.")
+                   f"after training. At adaptation the decoder looked at the encoder without being able to use "
+                   f"it: the passage {moved} its predictions (difference {_fmt(start['difference'])}) and its NLL "
+                   f"was {start['nll_own'][0]:.3f} with its own passage, because each decoder layer reads the "
+                   "encoder's last layer through key and value maps trained on its own layer's activations. "
+                   "Within this budget the cheapest way down the loss was to shut the encoder out rather than "
+                   "learn to read it; the paper adapts on 2 T tokens.")
     return out

@@ -213,6 +213,11 @@ def test_the_reading_says_whether_the_encoder_is_read():
 
     ignored = reading((0.001, -0.002, 0.004))
     assert "does **not** read its encoder" in ignored and "fell from 25.0% at adaptation to 2.0%" in ignored
+    assert "the passage moved its predictions" in ignored          # the start's interval clears 0 ...
+    start_ignored = "\n".join(_reads_input({"t5gemma2 (adapted, untrained)": {
+        "difference": (-0.03, -0.6, 0.5), "nll_own": (9.0, 8.5, 9.5), "encoder_attention_share": 0.25},
+        "t5gemma2": {"difference": (0.001, -0.002, 0.004), "encoder_attention_share": 0.02}}))
+    assert "did not measurably move its predictions" in start_ignored   # ... and here it does not
     read = reading((0.3, 0.1, 0.5))
     assert "reads its encoder" in read and "not" not in read
     assert _reads_input(None) == []

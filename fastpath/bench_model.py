@@ -8,8 +8,7 @@
     generate                   Small, greedy, 128 new tokens from a 256-token input, batch 1
     generate_t5gemma2_270m     270M-270M, the same
     generate_batched           Small, 8 prompts of 256 tokens at once (padded), 128 new tokens
-                               each, against batch 1 on the fast path and against torch's
-                               batched generate
+                               each, against batch 1 on the fast path and torch's batched generate
 
 Small runs in this process on the NumPy reference (backend="numpy"), the fast path
 (backend="numba") and transformers' eager PyTorch (same config, float32); the 270M-270M runs
@@ -112,11 +111,8 @@ def generate(quick, torch, names, batch=1):
     from minencdec.model.generate import generate as mgenerate
     config, rng = small_config(), np.random.default_rng(0)
     n_new = 32 if quick else 128
-    ids = rng.integers(3, 8192, (batch, 256))
-    mask = np.ones_like(ids)
-    for r in range(1, batch):                                  # prompts of 256 - 8 r tokens, padded
-        mask[r, 256 - 8 * r:] = 0
-    ids = np.where(mask == 1, ids, 0)
+    mask = (np.arange(256) < 256 - 8 * np.arange(batch)[:, None]).astype(np.int64)   # prompts of 256 - 8 r tokens
+    ids = np.where(mask == 1, rng.integers(3, 8192, (batch, 256)), 0)
     fns = {}
     for name in names:
         if name == "torch":
@@ -128,10 +124,14 @@ def generate(quick, torch, names, batch=1):
                     model.generate(input_ids=ti, attention_mask=tm, max_new_tokens=n_new, min_new_tokens=n_new,
                                    do_sample=False)
         else:
-            model = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name)
+            model, phases = T5GemmaModel.random(config, seed=0, dtype="float32", backend=name), []
 
-            def run(model=model):
-                mgenerate(model, ids, max_new_tokens=n_new, attention_mask=mask, min_new_tokens=n_new)
+            def run(model=model, phases=phases):      # (whole run, until the first new token, new tokens after it)
+                first, t = [], time.perf_counter()
+                mgenerate(model, ids, max_new_tokens=n_new, attention_mask=mask, min_new_tokens=n_new,
+                          stream=lambda tokens: first or first.append(time.perf_counter()))
+                phases.append((time.perf_counter() - t, first[0] - t, batch * (n_new - 1)))
+            run.phases = phases
         fns[name] = run
     return fns, batch * n_new, None
 
@@ -139,7 +139,8 @@ def generate(quick, torch, names, batch=1):
 def generate_batched(quick, torch, names):
     """8 prompts at once, greedy, 128 new tokens each (32 with --quick), against batch 1.
     Prompt r has 256 - 8 r tokens (padded to 256); numba_batch1 is the fast path on the first
-    prompt alone, so ratios.vs_batch1 is what batching gains in new tokens per second."""
+    prompt alone, so ratios.vs_batch1 is what batching gains in new tokens per second (and
+    ratios.decode_vs_batch1 once the input is encoded: after each run's first new token)."""
     fns, tokens, _ = generate(quick, torch, names, batch=8)
     one, tokens1, _ = generate(quick, None, ["numba"], batch=1)
     fns["numba_batch1"] = one["numba"]
@@ -253,11 +254,15 @@ def _print_section(name, doc, res, flops, peak_gflops, repeat):
             line += f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB (+{r['peak_rss_growth'] / 2**30:.2f} over the libraries)"
         elif r.get("peak_rss_growth") is not None:
             line += f"  peak RSS +{r['peak_rss_growth'] / 2**20:.0f} MiB"
-        th = r["threads"]
-        print(line + f"  ({th} thread{'s' * (th > 1)})")
+        line += f" (input {r['input_s']:.2f} s, then {r['decode_tokens_per_s']:.1f} tokens/s)" if "input_s" in r else ""
+        print(line + f"  ({r['threads']} thread{'s' * (r['threads'] > 1)})")
     print("  fast path: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in res["ratios"].items() if k.startswith("vs_"))
           + f" (tokens/s; best of {repeat}, timed in turns; load average {res['load_average'][0]:.2f} at the start,"
           f" {res['load_average'][1]:.2f} at the end)")
+    if "decode_vs_batch1" in res["ratios"]:                   # the input phase is each prompt's own work
+        b, o, x = res["numba"], res["numba_batch1"]["input_s"], res["ratios"]["decode_vs_batch1"]
+        print(f"  decode phase (new tokens/s once the input is encoded): {x:.2f}x batch 1; input phase "
+              f"{b['input_s'] / o:.1f}x batch 1's, {100 * b['input_s'] / b['seconds']:.0f}% of the batch's run")
     if "blas_peak_gflops" in res:
         print(f"  BLAS peak: {res['blas_peak_gflops']:.1f} GFLOP/s (float32 square matmul, the best of the blas section "
               f"and of the same turns); the fast path at {100 * res['ratios']['fraction_of_blas_peak']:.0f}% of it")
@@ -266,24 +271,29 @@ def _print_section(name, doc, res, flops, peak_gflops, repeat):
 def _in_process(section, quick, torch, names, threads, repeat, peak_rss_growth, peak_gflops):
     load = os.getloadavg()[0]
     fns, tokens, flops = section(quick, torch, names)
-    square = None
     if flops:        # the BLAS peak again, in the same turns: the blas section's, minutes earlier, saw another load
         n = 1024 if quick else 2048
         a, b = (np.random.default_rng(1).standard_normal((n, n), dtype=np.float32) for _ in range(2))
-        square, fns["blas_peak"] = 2 * n**3, lambda: a @ b
+        fns["blas_peak"] = lambda: a @ b
     timed = interleaved(fns, torch, threads, repeat, peak_rss_growth, section.__name__)
     res = {}
-    if square:
-        peak_gflops = max(peak_gflops, square / timed.pop("blas_peak")[0] / 1e9)
+    if flops:
+        peak_gflops = max(peak_gflops, 2 * n**3 / timed.pop("blas_peak")[0] / 1e9)
         res["blas_peak_gflops"] = peak_gflops
     for n, (seconds, th, peak) in timed.items():
         tok = tokens[n] if isinstance(tokens, dict) else tokens
         res[n] = {"seconds": seconds, "tokens_per_s": tok / seconds, "threads": th, "peak_rss_growth": peak}
         if flops:
             res[n]["gflops"] = flops / seconds / 1e9
+        if getattr(fns[n], "phases", None):                   # the split of the run with the best total
+            whole, first, new = min(fns[n].phases)
+            res[n].update(input_s=first, decode_tokens_per_s=new / (whole - first))
     fast = res["numba"]["tokens_per_s"]
     res["ratios"] = {("vs_batch1" if n == "numba_batch1" else f"vs_{n}"): fast / res[n]["tokens_per_s"]
                      for n in timed if n != "numba"}
+    if "numba_batch1" in res:                                 # the same, once the input is encoded
+        rates = [res[n]["decode_tokens_per_s"] for n in ("numba", "numba_batch1")]
+        res["ratios"]["decode_vs_batch1"] = rates[0] / rates[1]
     if flops:
         res["ratios"]["fraction_of_blas_peak"] = res["numba"]["gflops"] / peak_gflops
     res["load_average"] = (load, os.getloadavg()[0])
@@ -330,8 +340,7 @@ def in_workers(work, doc, quick, threads, repeat, backends):
     WORKER_BYTES of free memory; with less, one after the other, and the JSON says so)."""
     load = os.getloadavg()[0]
     together = _mem_available() >= WORKER_BYTES[work]
-    timings = {b: {} for b in backends}
-    workers = {}
+    timings, workers = {b: {} for b in backends}, {}
     try:
         for group in ([backends] if together else [[b] for b in backends]):
             for b in group:
@@ -355,8 +364,7 @@ def in_workers(work, doc, quick, threads, repeat, backends):
             w.close()
     res = {}
     for b in backends:
-        th, seconds = min(timings[b].items(), key=lambda kv: kv[1])
-        w = workers[b]
+        (th, seconds), w = min(timings[b].items(), key=lambda kv: kv[1]), workers[b]
         res[b] = {"seconds": seconds, "tokens_per_s": w.built["tokens"] / seconds, "threads": th,
                   "peak_rss": w.peak, "peak_rss_growth": w.peak - w.built["rss_libraries"],
                   "seconds_by_threads": timings[b]}

@@ -16,7 +16,12 @@ weights. Here a layer is
     h = h + norm(y);  x = norm(h)                 one Numba pass (the next layer's pre-norm)
 
 Each row of a batch is one prompt: B rows read every weight once per step, which is what
-makes batched generation cheaper per token than one prompt at a time.
+makes batched generation cheaper per token than one prompt at a time. At B > 1 the products
+and attention take their work (chunks of weights, (row, head) items) in turn over the lanes,
+or over one lane when that has been faster lately (`LaneChoice`: another job on the second
+core); the numbers are the same either way. Where a batch-8 step's time goes, measured on
+the Small model: the products ~55% (memory-bound: 112 MiB of weights), the cross-attention
+~30% (each row's own 8 MiB of encoder keys and values), self-attention ~10%.
 
 The cache is one buffer per layer, (B, K, capacity, Dh), indexed by slot (a token's index
 in its row, padding included), grown by doubling when full. A sliding layer does not drop old
@@ -33,11 +38,12 @@ Axes: B rows, D width, H, K heads, Dh head dim, C = (H + 2K) Dh, F MLP width, S 
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
 
-from .decode import _decode_lane
+from .decode import _decode_lane, claim, counter
 from .jit import kernel, lanes, run_lanes
 from .mlp import _C, _K, _geglu_forward_lane
 
@@ -46,6 +52,9 @@ from .mlp import _C, _K, _geglu_forward_lane
 # lanes: batch 8 of the Small model (8 x 8 x 256 x 64) is, batch 1 is not (the hand-off
 # costs more than a 0.1 ms call).
 PARALLEL_ATTENTION = 1 << 19
+
+# Bytes of weights the few-rows product reads ahead before multiplying: held in L2 (1 MiB here).
+CHUNK_BYTES = 1 << 17
 
 
 class Layer(NamedTuple):
@@ -132,42 +141,123 @@ def _head_in(src, n_heads, w1, eps, cos, sin, dst, slot, y):
 
 
 @kernel
-def _rows_times_weights_lane(lane, n_lanes, x, W, out):
-    """out[:, o] = x W[o]^T for this lane's block of output rows o, four at a time: each
-    weight row is read once for all B rows of x (which stay in L1). For B > 1 OpenBLAS's
-    GEMM first copies (packs) the whole weight matrix, and at B = 8 was 20-40% slower than
-    this (measured on the Small model's shapes); at B = 1 its matrix-vector product is used."""
+def _four_weight_rows(x, W, o, out):
+    """out[:, o:o + 4] = x W[o:o + 4]^T: four rows of x against the four weight rows at once
+    (16 sums in registers: each load of a weight or of x feeds four multiply-adds), then
+    one row of x at a time for the rest."""
+    M, K = x.shape
+    z = x.dtype.type(0)
+    w0, w1, w2, w3 = W[o], W[o + 1], W[o + 2], W[o + 3]
+    for r in range(0, M - M % 4, 4):
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = z
+        for k in range(K):
+            e, f, g, h = w0[k], w1[k], w2[k], w3[k]
+            a0 += x0[k] * e
+            a1 += x0[k] * f
+            a2 += x0[k] * g
+            a3 += x0[k] * h
+            b0 += x1[k] * e
+            b1 += x1[k] * f
+            b2 += x1[k] * g
+            b3 += x1[k] * h
+            c0 += x2[k] * e
+            c1 += x2[k] * f
+            c2 += x2[k] * g
+            c3 += x2[k] * h
+            d0 += x3[k] * e
+            d1 += x3[k] * f
+            d2 += x3[k] * g
+            d3 += x3[k] * h
+        out[r, o], out[r, o + 1], out[r, o + 2], out[r, o + 3] = a0, a1, a2, a3
+        out[r + 1, o], out[r + 1, o + 1], out[r + 1, o + 2], out[r + 1, o + 3] = b0, b1, b2, b3
+        out[r + 2, o], out[r + 2, o + 1], out[r + 2, o + 2], out[r + 2, o + 3] = c0, c1, c2, c3
+        out[r + 3, o], out[r + 3, o + 1], out[r + 3, o + 2], out[r + 3, o + 3] = d0, d1, d2, d3
+    for r in range(M - M % 4, M):
+        xr = x[r]
+        a0 = a1 = a2 = a3 = z
+        for k in range(K):
+            a0 += xr[k] * w0[k]
+            a1 += xr[k] * w1[k]
+            a2 += xr[k] * w2[k]
+            a3 += xr[k] * w3[k]
+        out[r, o], out[r, o + 1], out[r, o + 2], out[r, o + 3] = a0, a1, a2, a3
+
+
+@kernel
+def _rows_times_weights_lane(lane, n_lanes, x, W, out, chunks):
+    """out[:, o] = x W[o]^T for the chunks of weight rows this lane claims (CHUNK_BYTES
+    each, taken in turn by every lane: decode.claim). A chunk is first read straight
+    through (a plain sum, returned so that it is not optimised away), then multiplied from
+    the cache, four weight rows by four rows of x. Multiply-adds interleaved with the reads
+    from memory held them to 13-14 GB/s at B = 8 (the loads that miss wait behind the
+    arithmetic; software prefetches did not help), against 40 GB/s for a plain read and
+    20-22 GB/s for this, measured on the Small model's decode matrices (112 MiB, one core).
+    With a single row of x the arithmetic keeps up with the reads: no first read then.
+    (OpenBLAS's GEMM packs the whole weight matrix first, and was no faster at B = 8.)"""
     M, K = x.shape
     N = W.shape[0]
     z = x.dtype.type(0)
-    a, b = lane * N // n_lanes // 4 * 4, (lane + 1) * N // n_lanes // 4 * 4 if lane + 1 < n_lanes else N
-    for o in range(a, b - (b - a) % 4, 4):
-        w0, w1, w2, w3 = W[o], W[o + 1], W[o + 2], W[o + 3]
-        for r in range(M):
-            xr = x[r]
-            s0 = s1 = s2 = s3 = z
-            for k in range(K):
-                s0 += xr[k] * w0[k]
-                s1 += xr[k] * w1[k]
-                s2 += xr[k] * w2[k]
-                s3 += xr[k] * w3[k]
-            out[r, o], out[r, o + 1], out[r, o + 2], out[r, o + 3] = s0, s1, s2, s3
-    for o in range(b - (b - a) % 4, b):
-        wo = W[o]
-        for r in range(M):
-            s0 = z
-            for k in range(K):
-                s0 += x[r, k] * wo[k]
-            out[r, o] = s0
+    step = max(CHUNK_BYTES // (K * W.itemsize) // 4 * 4, 4)
+    seen = z
+    while True:
+        c = claim(chunks) * step                              # the lanes take chunks in turn
+        if c >= N:
+            break
+        e = min(c + step, N)
+        if M > 1:
+            for o in range(c, e):
+                for k in range(K):
+                    seen += W[o, k]
+        for o in range(c, e - (e - c) % 4, 4):
+            _four_weight_rows(x, W, o, out)
+        for o in range(e - (e - c) % 4, e):
+            wo = W[o]
+            for r in range(M):
+                s0 = z
+                for k in range(K):
+                    s0 += x[r, k] * wo[k]
+                out[r, o] = s0
+    return seen
 
 
-def rows_times_weights(x, W, out):
+def rows_times_weights(x, W, out, most=None):
     """out = x W^T for a few rows x (B, K), W (N, K): BLAS at B = 1, else the kernel above
-    on every lane (the weights are what is read: each lane streams its share)."""
+    on every lane (at most `most`; the weights are what is read: each lane streams the
+    chunks it takes)."""
     if x.shape[0] == 1:
         np.matmul(x, W.T, out=out)
     else:
-        run_lanes(_rows_times_weights_lane, lanes(W.shape[0] // 256), x, W, out)
+        n = lanes(W.shape[0] // 256)
+        run_lanes(_rows_times_weights_lane, n if most is None else min(n, most), x, W, out, counter())
+
+
+class LaneChoice:
+    """One lane or every lane for a decode step's kernels, whichever has lately been faster.
+    Splitting a step's ~60 calls pays when the second core is free (batch 8, load 1.7: 9.8 ms
+    a step split, 11.7 on one lane); when another job keeps it busy, each hand-off waits for
+    it (load 3-5: 12.9 ms split, 10.9-11.5 on one lane). Both settings give the same numbers bit for bit (each
+    chunk or (row, head) item is one lane's whole work: decode.claim), so the choice may
+    follow the load: a moving average of each setting's step time, the slower one tried
+    again every TRY_EVERY steps."""
+
+    TRY_EVERY = 8
+
+    def __init__(self, most):
+        self.options = (most, 1) if most > 1 else (1,)
+        self.seconds, self.steps = {}, 0
+
+    def pick(self):
+        self.steps += 1
+        untried = [n for n in self.options if n not in self.seconds]
+        if untried:
+            return untried[0]
+        ranked = sorted(self.options, key=self.seconds.get)
+        return ranked[-1] if self.steps % self.TRY_EVERY == 0 else ranked[0]
+
+    def record(self, n, seconds):
+        old = self.seconds.get(n, seconds)
+        self.seconds[n] = 0.75 * old + 0.25 * seconds
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -211,6 +301,8 @@ class Decoder:
         self.q, self.o = (np.empty((B, self.H, 1, self.Dh), dt) for _ in range(2))
         self.row = np.empty(self.Dh, dt)
         self.consts = (dt.type(0), dt.type(1), dt.type(-np.inf))
+        self.choice = LaneChoice(lanes(1 << 30))
+        self.most = self.choice.options[0]                    # lanes the kernels may use now
 
     def _grow(self):
         """Double the capacity (the merged encoder keys move with it)."""
@@ -232,19 +324,30 @@ class Decoder:
         8 MiB a layer for the Small model), which a second core reads faster."""
         B, H = self.q.shape[:2]
         work = B * H * (int(hi[0]) - int(lo[0]) + 1 + k.shape[2] - x0) * self.Dh
-        run_lanes(_decode_lane, lanes(B * H) if work >= PARALLEL_ATTENTION else 1, self.q, k, v, valid, lo, hi, x0,
-                  self.dt.type(self.scale), self.dt.type(self.cap), self.consts, self.o)
+        n = min(lanes(B * H), self.most) if work >= PARALLEL_ATTENTION else 1
+        run_lanes(_decode_lane, n, self.q, k, v, valid, lo, hi, x0, self.dt.type(self.scale), self.dt.type(self.cap),
+                  self.consts, self.o, counter())
+
+    def _product(self, x, W, out):
+        rows_times_weights(x, W, out, self.most)
 
     def logits(self, x, table, cap):
         """The tied LM head and final softcap on the final-normed rows x (B, D): (B, V). The
         few-rows product reads the table once for all rows (a batch's BLAS GEMM packs it first)."""
         z = np.empty((x.shape[0], table.shape[0]), self.dt)
-        rows_times_weights(np.ascontiguousarray(x), table, z)
+        self._product(np.ascontiguousarray(x), table, z)
         return z if cap is None else cap * np.tanh(z / cap)
 
     def step(self, h, ropes):
         """h (B, D): the new tokens' embeddings; ropes: layer type -> (cos, sin), (B, Dh) each.
-        Returns the final-normed hidden states (B, D)."""
+        Returns the final-normed hidden states (B, D). Timed for the choice of lanes."""
+        self.most = self.choice.pick()
+        t = time.perf_counter()
+        out = self._layers(h, ropes)
+        self.choice.record(self.most, time.perf_counter() - t)
+        return out
+
+    def _layers(self, h, ropes):
         if self.n == self.capacity:
             self._grow()
         slot, eps, H, K, Dh = self.n, self.dt.type(self.eps), self.H, self.K, self.Dh
@@ -256,7 +359,7 @@ class Decoder:
         _norm_rows(self.h, self.layers[0].pre_self, eps, self.x)
         for i, L in enumerate(self.layers):
             k, v = self.kv[i]
-            rows_times_weights(self.x, L.qkv, self.P)           # q, k, v of the new tokens
+            self._product(self.x, L.qkv, self.P)               # q, k, v of the new tokens
             cos, sin = ropes[L.rope]
             P3 = self.P.reshape(B, H + 2 * K, Dh)
             _head_in(P3[:, :H], H, L.q_norm, eps, cos, sin, self.q, 0, self.row)
@@ -264,20 +367,20 @@ class Decoder:
             _head_in(P3[:, H + K:], K, L.k_norm[:0], eps, cos[:0], sin[:0], v, slot, self.row)
             lo = np.array([0 if L.window is None else max(slot - L.window + 1, 0)])
             self._attend(k, v, self.valid, lo, np.array([slot]), x0)
-            rows_times_weights(self.o.reshape(B, H * Dh), L.o, self.y)
+            self._product(self.o.reshape(B, H * Dh), L.o, self.y)
             nxt = L.cross[0] if L.cross is not None else L.pre_mlp
             _add_norm_rows(self.h, self.y, L.post_self, nxt, eps, self.x)
             if L.cross is not None:                           # T5Gemma: queries against the encoder keys
                 _, post, wq, wo = L.cross
-                rows_times_weights(self.x, wq, self.q.reshape(B, H * Dh))
+                self._product(self.x, wq, self.q.reshape(B, H * Dh))
                 ck, cv = self.cross[i]
                 self._attend(ck, cv, self.cross_valid, *self.cross_lohi, ck.shape[2])
-                rows_times_weights(self.o.reshape(B, H * Dh), wo, self.y)
+                self._product(self.o.reshape(B, H * Dh), wo, self.y)
                 _add_norm_rows(self.h, self.y, post, L.pre_mlp, eps, self.x)
-            rows_times_weights(self.x, L.gu, self.gu)
+            self._product(self.x, L.gu, self.gu)
             _geglu_forward_lane(0, 1, self.gu, self.dt.type(_C), self.dt.type(_K), self.dt.type(0.5),
                                 self.dt.type(1), self.a)
-            rows_times_weights(self.a, L.down, self.y)
+            self._product(self.a, L.down, self.y)
             nxt = self.layers[i + 1].pre_self if i + 1 < len(self.layers) else self.final_norm
             _add_norm_rows(self.h, self.y, L.post_mlp, nxt, eps, self.x)
         return self.x.copy()

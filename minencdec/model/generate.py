@@ -17,11 +17,11 @@ depend only on position differences, so that constant changes nothing but roundi
 row gives the logits of the same prompt without padding either way.) T5Gemma encoder inputs may
 be padded anywhere (they use positions 0..S-1 and a key mask, as `T5GemmaModel.encode`).
 
-On the fast path (backend "numba") the prompt runs through `stack_step` as here, and every later
-step through fastpath/decoder.py (`DecodeState.fast`): the same layers with its cache and
-buffers allocated once and a few calls per sublayer, since at batch 1 the ~60 NumPy calls
-per layer of `stack_step` took longer than reading the layer's weights. Several prompts at
-once (a batch) read every weight once per step for all of them.
+On the fast path (backend "numba") the prompt (or the encoder) runs as here, and every decoder
+step after it (T5Gemma's bos included) and its LM head through fastpath/decoder.py
+(`DecodeState.fast`): the same layers with its cache and buffers allocated once and a few
+calls per sublayer, since at batch 1 the ~60 NumPy calls per layer of `stack_step` took
+longer than reading the layer's weights. A batch reads every weight once per step for all.
 
 Axes: B batch, T new tokens, L kept keys, S source length, K kv heads, Dh head dim, V vocab.
 """
@@ -215,8 +215,11 @@ def prompt_positions(mask):
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
-def _last_logits(model, h, table, c):
-    return lm_head_forward(h[:, -1], table, c.final_logit_softcapping)[0]     # (B, V)
+def _last_logits(state, h, table, c):
+    """The logits (B, V) of the last new token: the fast path's LM head, or the reference's."""
+    if state.fast is not None:
+        return state.fast.logits(h[:, -1], table, c.final_logit_softcapping)
+    return lm_head_forward(h[:, -1], table, c.final_logit_softcapping)[0]
 
 
 def start(model, input_ids, attention_mask=None, max_new_tokens=None):
@@ -227,17 +230,17 @@ def start(model, input_ids, attention_mask=None, max_new_tokens=None):
     if isinstance(model.config, T5GemmaConfig):
         enc_c, c = model.config.encoder, model.config.decoder
         ids, mask = _prompt(input_ids, attention_mask, enc_c, "input_ids")
-        enc_out = model.encode(ids, mask)                                        # (B, S, De), once
-        names = _decoder_names(model)
+        enc_out, names = model.encode(ids, mask), _decoder_names(model)          # (B, S, De), once
         cache = empty_cache(c, ids.shape[0], model.dtype)
         cache.cross_mask = mask
         cache.cross = encoder_keys(model.params, c, names, enc_out, backend_kernels(model.backend))
         bos = np.full((ids.shape[0], 1), c.bos_token_id, dtype=np.int64)          # decoder_start_token_id
-        state = DecodeState(model, cache, np.ones(len(ids), np.int64), bos)
-        h = stack_step(model.params, c, names, bos, np.zeros_like(bos), np.ones_like(bos), cache, model.backend,
-                       _eoi_of(model))
+        state = DecodeState(model, cache, np.zeros(len(ids), np.int64), bos)
         state.fast = _fast_decoder(model, c, names, cache, max_new_tokens or 32)
-        return state, _last_logits(model, h, model.params[names.embedding], c)
+        # bos is an ordinary step (on the fast path, the decoder's first: stack_step on B rows
+        # of one token makes ~60 small calls a layer, and at batch 8 under load its BLAS
+        # products waited for OpenBLAS's sleeping threads, 1.1 s for this one step).
+        return state, step(state, bos[:, 0])
     c = decoder_config(model)
     ids, mask = _prompt(input_ids, attention_mask, c, "input_ids")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
@@ -248,22 +251,19 @@ def start(model, input_ids, attention_mask=None, max_new_tokens=None):
     h = stack_step(model.params, c, GEMMA2, ids, positions, mask, cache, model.backend)     # (B, T, D)
     state = DecodeState(model, cache, positions[:, -1] + 1, ids, _fast_decoder(model, c, GEMMA2, cache,
                                                                                 max_new_tokens or 32))
-    return state, _last_logits(model, h, model.params[GEMMA2.embedding], c)
+    return state, _last_logits(state, h, model.params[GEMMA2.embedding], c)
 
 
 def step(state, tokens):
     """Feed one token per row (B,) and return the logits (B, V) of the next one."""
-    c = decoder_config(state.model)
-    names = _decoder_names(state.model)
+    c, names = decoder_config(state.model), _decoder_names(state.model)
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)       # (B, 1)
-    table = state.model.params[names.embedding]
-    if state.fast is not None:                                     # fastpath/decoder.py: step and LM head
+    if state.fast is not None:                                     # fastpath/decoder.py's step
         h = _fast_step(state, c, names, ids, state.next_position[:, None])
-        logits = state.fast.logits(h[:, -1], table, c.final_logit_softcapping)
     else:
         h = stack_step(state.model.params, c, names, ids, state.next_position[:, None],
                        np.ones_like(ids), state.cache, state.model.backend, _eoi_of(state.model))
-        logits = _last_logits(state.model, h, table, c)
+    logits = _last_logits(state, h, state.model.params[names.embedding], c)
     state.next_position = state.next_position + 1
     return logits
 

@@ -65,3 +65,30 @@ def test_decoder_step_bytes_against_a_hand_count():
     with_cross_kv = hand_counted_step_bytes(t5) + 4 * d.num_hidden_layers * 2 * d.num_key_value_heads * d.head_dim \
         * d.hidden_size
     assert decoder_step_bytes(t5) != with_cross_kv
+
+
+def test_generation_split_into_input_and_decode_phases(capsys):
+    """_in_process keeps, for each generation function, the input phase and the decode rate
+    of its run with the best total (each run records (whole, until the first new token, new
+    tokens after it)), and ratios.decode_vs_batch1 from the decode rates: hand-computed here."""
+    import pytest
+    from fastpath import bench_model as BM
+
+    def fake(phases):
+        def run():
+            pass
+        run.phases = phases
+        return run
+    batch = fake([(2.2, 0.9, 1016), (2.0, 1.0, 1016)])            # the second run has the best total
+    one = fake([(0.6, 0.1, 127)])
+
+    def section(quick, torch, names):
+        """A generation section's shape, with runs that do nothing."""
+        return {"numba": batch, "numba_batch1": one}, {"numba": 1024, "numba_batch1": 128}, None
+    res = BM._in_process(section, True, None, ["numba"], 1, 1, lambda fn: 0, float("nan"))
+    assert res["numba"]["input_s"] == 1.0 and res["numba"]["decode_tokens_per_s"] == pytest.approx(1016 / 1.0)
+    assert res["numba_batch1"]["decode_tokens_per_s"] == pytest.approx(127 / 0.5)
+    assert res["ratios"]["decode_vs_batch1"] == pytest.approx(4.0)
+    assert "decode phase (new tokens/s once the input is encoded): 4.00x batch 1" in capsys.readouterr().out
+    # negative control: the best input phase of any run (0.9) is not the best run's, which the check tells apart
+    assert min(p[1] for p in batch.phases) != res["numba"]["input_s"]

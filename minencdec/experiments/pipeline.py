@@ -178,7 +178,9 @@ def reading(adapted_dir, models, tok, test, generated, backend, attention_exampl
         out[name] = {"nll_own": metrics.bootstrap(own), "nll_other": metrics.bootstrap(other),
                      "difference": metrics.paired_bootstrap(other, own)}
         if isinstance(model, T5GemmaModel):
-            out[name]["encoder_attention_share"] = ev.encoder_attention_share(model, tok, test[:attention_examples])
+            pairs = test[:attention_examples]
+            out[name].update(encoder_attention_share=ev.encoder_attention_share(model, tok, pairs),
+                             attention_pairs=len(pairs))
     return out
 
 

@@ -135,7 +135,8 @@ def _input_table(reading) -> list[str]:
              "The next-line NLL of each test reference after its own passage and after another example's "
              "(the one half the test set away); a model that reads its input does worse after the wrong one. "
              "For the T5Gemma 2, also the share of its decoder's attention that lands on the encoder's keys "
-             f"(merged attention: one softmax over its own tokens and the encoder's; {ATTENTION_NOTE}).", "",
+             "(merged attention: one softmax over its own tokens and the encoder's; averaged over layers, heads "
+             f"and reference tokens of the first {_attention_pairs(reading)} test pairs).", "",
              "| model | NLL, own passage | NLL, another passage | difference | decoder attention on the encoder |",
              "|---|---|---|---|---|"]
     for name, r in reading.items():
@@ -145,7 +146,10 @@ def _input_table(reading) -> list[str]:
     return lines
 
 
-ATTENTION_NOTE = "averaged over layers, heads and reference tokens of the first 8 test pairs"
+def _attention_pairs(reading) -> int:
+    return max((r.get("attention_pairs", 0) for r in reading.values()), default=0)
+
+
 INPUT_NAMES = {"gemma3": "Gemma 3 (decoder-only), trained", "t5gemma2": "T5Gemma 2, trained",
                "t5gemma2 (adapted, untrained)": "T5Gemma 2 at adaptation (before training)"}
 

@@ -199,6 +199,8 @@ def test_the_pipeline_measures_whether_each_model_reads_its_input(tiny_run):
     report = write_report(root / "run").read_text()
     assert "## Does each model read its input?" in report
     assert f"{reading['t5gemma2']['encoder_attention_share']:.1%}" in report
+    assert reading["t5gemma2"]["attention_pairs"] == 4                # the tiny run's 4 test pairs, not 8
+    assert "reference tokens of the first 4 test pairs" in report
 
 
 def test_the_reading_says_whether_the_encoder_is_read():

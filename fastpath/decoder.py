@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .decode import _decode_lane, claim, counter
+from .decode import _decode_lane, _read, claim, counter
 from .jit import kernel, lanes, run_lanes
 from .mlp import _C, _K, _geglu_forward_lane
 
@@ -206,9 +206,7 @@ def _rows_times_weights_lane(lane, n_lanes, x, W, out, chunks):
             break
         e = min(c + step, N)
         if M > 1:
-            for o in range(c, e):
-                for k in range(K):
-                    seen += W[o, k]
+            seen = _read(W, c, e - c, seen)                   # decode.py's plain pass over rows
         for o in range(c, e - (e - c) % 4, 4):
             _four_weight_rows(x, W, o, out)
         for o in range(e - (e - c) % 4, e):

@@ -217,8 +217,9 @@ def save_tensors(path, tensors: dict[str, np.ndarray], config_dict: dict, *, dty
     """
     extra_files, extra_tensors = dict(extra_files or {}), dict(extra_tensors or {})
     tags = _check_save(tensors, config_dict, dtype, extra_files, max_shard_bytes)
-    extra_tags = {file: _check_save(named, {}, None, {file: b""}, max_shard_bytes)
-                  for file, named in extra_tensors.items()}
+    for file in extra_tensors:
+        _check_extra_name(file)
+    extra_tags = {file: _tensor_tags(named, {}) for file, named in extra_tensors.items()}   # their own dtypes
     clash = set(extra_files) & set(extra_tensors)
     if clash:
         raise CheckpointError(f"file(s) {_names(sorted(clash))} given both as extra bytes and as extra tensors")
@@ -299,6 +300,17 @@ def _check_save(tensors, config_dict, dtype, extra_files, max_shard_bytes) -> di
         targets = dict.fromkeys(tensors, _save_dtype(dtype))
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    tags = _tensor_tags(tensors, targets)
+    for name, data in extra_files.items():
+        _check_extra_name(name)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise CheckpointError(f"extra file {name!r}: expected bytes, got {type(data).__name__}")
+    return tags
+
+
+def _tensor_tags(tensors, targets) -> dict[str, str]:
+    """Each tensor's safetensors dtype tag: `targets[name]` (a dtype name) or, when that is
+    None, the array's own; a bad name or a non-float array is an error."""
     tags = {}
     for name, array in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
@@ -306,16 +318,16 @@ def _check_save(tensors, config_dict, dtype, extra_files, max_shard_bytes) -> di
         if not isinstance(array, np.ndarray) or array.dtype.name not in SAVE_TAGS:
             kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
             raise CheckpointError(f"tensor {name!r}: expected a float16/32/64 numpy array, got {kind}")
-        tags[name] = SAVE_TAGS[targets[name] or array.dtype.name]
-    reserved = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE}
-    for name, data in extra_files.items():
-        if (not isinstance(name, str) or Path(name).name != name or name in reserved
-                or (name.startswith("model") and name.endswith(".safetensors")) or name in (".", "..")):
-            raise CheckpointError(f"extra file name {name!r} must be a plain file name, not a weights file "
-                                  "(model*.safetensors)")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise CheckpointError(f"extra file {name!r}: expected bytes, got {type(data).__name__}")
+        tags[name] = SAVE_TAGS[targets.get(name) or array.dtype.name]
     return tags
+
+
+def _check_extra_name(name) -> None:
+    """An extra file's name: a plain file name that is not one of the checkpoint's own."""
+    if (not isinstance(name, str) or Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE)
+            or (name.startswith("model") and name.endswith(".safetensors")) or name in (".", "..")):
+        raise CheckpointError(f"extra file name {name!r} must be a plain file name, not a weights file "
+                              "(model*.safetensors)")
 
 
 def _save_dtype(dtype) -> str | None:

@@ -130,8 +130,10 @@ def save_checkpoint(run_dir, model, opt, step, cfg, history, extra_files=None, s
                "settings": settings or {}, "optimizer": state["meta"], "history": history,
                "dtype": str(model.dtype)}
     files = dict(extra_files or {})
-    tensors = {OPTIMIZER_FILE: state["tensors"]} if state["tensors"] else {}
-    if not tensors:
+    tensors = {}
+    if state["tensors"]:
+        tensors[OPTIMIZER_FILE] = state["tensors"]
+    else:
         files[OPTIMIZER_FILE] = b""                    # an optimizer with no state yet (step 0)
     files[STATE_FILE] = json.dumps(trainer, indent=1).encode()
     save_tensors(Path(run_dir) / CHECKPOINT_DIR, model.params, model.hf_config(), extra_files=files,

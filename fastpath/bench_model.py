@@ -41,6 +41,8 @@ from minencdec.model.config import T5GemmaConfig
 from minencdec.model.presets import preset
 from minencdec.model.t5gemma import T5GemmaModel
 
+from .measure import HOPELESS, interleaved
+
 SMALL = dict(B=8, S=256, T=256)
 QUICK = dict(B=2, S=64, T=64)
 
@@ -145,68 +147,6 @@ def generate_batched(quick, torch, names):
     one, tokens1, _ = generate(quick, None, ["numba"], batch=1)
     fns["numba_batch1"] = one["numba"]
     return fns, {name: tokens1 if name == "numba_batch1" else tokens for name in fns}, None
-
-
-def _blas_threads(n):
-    from threadpoolctl import ThreadpoolController
-    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
-        lib.set_num_threads(n)
-
-
-HOPELESS = 3.0    # a thread setting this many times slower than its backend's best in the first turn
-
-
-def _drop_hopeless(runs, best):
-    """The runs worth timing again after the first turn: a thread setting more than HOPELESS
-    times slower than the same backend's other cannot become the faster (under load a second
-    thread waiting for a busy core made calls 3-10x slower), and timing it again would only
-    make a loaded run longer."""
-    fastest = {}
-    for (name, th) in runs:
-        fastest[name] = min(fastest.get(name, np.inf), best[name, th])
-    return [(name, th) for (name, th) in runs if best[name, th] <= HOPELESS * fastest[name]]
-
-
-def interleaved(fns, torch, threads, repeat, peak_rss_growth, label="timing"):
-    """Best seconds per call of each function, timed in turns (a, b, c, a, b, c, ...) so
-    that a change of load on a shared machine hits all of them alike; torch at `threads`
-    and at 1 thread, the fast path ("numba...") with BLAS at `threads` and at 1, the faster
-    kept. The first call of each (the warm-up) gives the growth of peak resident memory.
-    Returns {name: (seconds, threads, peak bytes)}."""
-    def variants(name):
-        return (threads, 1) if threads > 1 and (name == "torch" or name.startswith("numba")) else (threads,)
-    runs = [(name, th) for name in fns for th in variants(name)]
-    total, peaks = len(fns) + repeat * len(runs), {}          # (fewer if some are dropped)
-
-    def report(done, what):                  # one progress line per call on stderr: calls take seconds
-        print(f"{label}: {done}/{total} {what}", file=sys.stderr, flush=True)
-
-    for name, fn in fns.items():
-        peaks[name] = peak_rss_growth(fn)
-        report(len(peaks), f"warmed up {name}")
-    best = {run: np.inf for run in runs}
-    try:
-        for r in range(repeat):
-            if r == 1:
-                runs = _drop_hopeless(runs, best)
-            for i, (name, th) in enumerate(runs):
-                if name == "torch":
-                    torch.set_num_threads(th)
-                else:
-                    _blas_threads(th)
-                t = time.perf_counter()
-                fns[name]()
-                best[name, th] = min(best[name, th], time.perf_counter() - t)
-                report(len(fns) + r * len(runs) + i + 1, f"timed {name} at {th} thread(s)")
-    finally:
-        _blas_threads(threads)
-        if torch is not None:
-            torch.set_num_threads(threads)
-    out = {}
-    for (name, th), seconds in best.items():
-        if name not in out or seconds < out[name][0]:
-            out[name] = (seconds, th, peaks[name])
-    return out
 
 
 def weight_read_floor(repeat=5):
